@@ -1,0 +1,28 @@
+"""cvt-train: train, evaluate, benchmark and sweep CvT (arXiv 2103.15808) with modern PyTorch."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .errors import UserError
+from .flops import count_macs
+from .models import CvT, ModelConfig, model_config, official_spec_to_config, preset_names
+from .models.convert import load_checkpoint
+
+__version__ = "0.1.0"
+
+
+def create_model(name_or_config: Any = "cvt13", **overrides: Any) -> CvT:
+    """A CvT from a preset name (`cvt13`, `cvt21`, `cvtw24`, the CIFAR presets), a model config dict / DictConfig,
+    or a ModelConfig; overrides are top-level keys (`num_classes=10`, `act="gelu"`) or dotted paths
+    (`**{"stages.0.patch_stride": 2}`)."""
+    return CvT(model_config(name_or_config, **overrides))
+
+
+def from_official_spec(spec: Mapping, num_classes: int = 1000, **overrides: Any) -> CvT:
+    """A CvT from the MODEL.SPEC block of an official CvT yaml (upper-case keys, INIT included)."""
+    return CvT(model_config(official_spec_to_config(spec, num_classes), **overrides))
+
+
+__all__ = ["create_model", "from_official_spec", "load_checkpoint", "count_macs", "CvT", "ModelConfig",
+           "UserError", "preset_names"]

@@ -1,0 +1,52 @@
+"""Multiply-add counting (the paper's "FLOPs") with torch.utils.flop_counter."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+aten = torch.ops.aten
+
+
+# torch counts the CUDA attention kernels but not the CPU flash kernel SDPA picks here; count it the same way
+# (2 matmuls: q @ k^T and attn @ v), so the total does not depend on which kernel ran.
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape)
+
+
+for _op, _formula in ((getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), _sdpa_cpu_flops),
+                      (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), _sdpa_cpu_backward_flops)):
+    if _op is not None:
+        try:
+            register_flop_formula(_op)(_formula)
+        except RuntimeError:  # already registered by a newer torch
+            pass
+
+
+def count_flops(model: nn.Module, inputs: torch.Tensor, backward: bool = False) -> int:
+    """FLOPs (2 per multiply-add) of one forward (and backward) on `inputs`, attention included."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(inputs)
+        if backward:
+            out.float().sum().backward()
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
+    """Multiply-adds of one forward pass for one image of `input_size` (C, H, W): the paper's "FLOPs"."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        x = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
+        return count_flops(model, x) // 2
+    finally:
+        model.train(was_training)

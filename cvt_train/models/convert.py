@@ -1,0 +1,151 @@
+"""Weights from elsewhere: official microsoft/CvT state dicts, HF transformers' CvT, and our own checkpoints.
+
+Our parameter names are the official ones with `stageN.` spelled `stages.N.`; HF's names are mapped one by one.
+Each converter maps *our* key to the foreign key, so loading needs only the target model's own keys and every
+foreign key left over is reported as unexpected. Files are read with `weights_only=True` (or safetensors):
+nothing in a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
+
+
+def official_name(key: str) -> str:
+    return re.sub(r"^stages\.(\d+)\.", r"stage\1.", key)
+
+
+def hf_name(key: str) -> str:
+    k = re.sub(r"^stages\.(\d+)\.", r"cvt.encoder.stages.\1.", key)
+    k = k.replace(".patch_embed.proj.", ".embedding.convolution_embeddings.projection.")
+    k = k.replace(".patch_embed.norm.", ".embedding.convolution_embeddings.normalization.")
+    k = re.sub(r"\.blocks\.(\d+)\.", r".layers.\1.", k)
+    for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
+        proj = f".attention.attention.convolution_projection_{theirs}.convolution_projection."
+        k = k.replace(f".attn.conv_proj_{ours}.conv.", proj + "convolution.")
+        k = k.replace(f".attn.conv_proj_{ours}.bn.", proj + "normalization.")
+        k = k.replace(f".attn.proj_{ours}.", f".attention.attention.projection_{theirs}.")
+    k = k.replace(".attn.proj.", ".attention.output.dense.")
+    k = k.replace(".mlp.fc1.", ".intermediate.dense.").replace(".mlp.fc2.", ".output.dense.")
+    k = k.replace(".norm1.", ".layernorm_before.").replace(".norm2.", ".layernorm_after.")
+    return re.sub(r"^norm\.", "layernorm.", re.sub(r"^head\.", "classifier.", k))
+
+
+NAMERS = {"own": lambda k: k, "official": official_name, "hf": hf_name}
+
+
+def to_format(state_dict: Mapping[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """Our state dict in the key names of `fmt` ("official" or "hf")."""
+    return {NAMERS[fmt](k): v for k, v in state_dict.items()}
+
+
+def detect_format(state_dict: Mapping[str, Any]) -> str:
+    keys = list(state_dict)
+    if any(k.startswith(("cvt.encoder.", "classifier.", "layernorm.")) for k in keys):
+        return "hf"
+    if any(re.match(r"stage\d+\.", k) for k in keys):
+        return "official"
+    return "own"
+
+
+def read_file(path: str | Path) -> Any:
+    """Load a checkpoint file or an HF `save_pretrained` folder as data only, with one clear error per fault."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return read_file(path / name)
+        raise UserError(f"{path}: a folder without model.safetensors or pytorch_model.bin; point to a weight file")
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; check the path")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: checkpoint file is empty; it was probably cut off while being written")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise UserError(f"{path}: reading .safetensors needs `pip install safetensors`") from e
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{path}: refused: the file holds objects that are not plain tensors and data, and loading it would "
+            "run code; only load it in a sandbox and re-save its state_dict if you trust its origin") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__}: {e})") from e
+
+
+def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights inside a checkpoint: our {model, ema, ...} dict, {state_dict: ...}, or a bare state dict."""
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{source}: expected a dict of tensors, found a {type(obj).__name__}")
+    if use_ema:
+        if not isinstance(obj.get("ema"), Mapping):
+            raise UserError(f"{source}: has no EMA weights; train with trainer.ema.enabled=true or set eval.ema=false")
+        obj = obj["ema"]
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f"{source}: entry {k!r} is not a tensor; is this a model checkpoint?")
+        for prefix in _WRAPPER_PREFIXES:
+            k = k.removeprefix(prefix)
+        sd[k] = v
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = True,
+                    drop_head: bool = False, use_ema: bool = False) -> str:
+    """Load own / official / HF weights into `model`, detecting the format; returns the format's name.
+
+    strict: every key of the model must be found and every key of the file used, or one error lists them.
+    drop_head: keep the model's freshly initialised classifier (fine-tuning to another class count).
+    """
+    source = "state dict"
+    obj = path_or_state_dict
+    if isinstance(obj, (str, Path)):
+        source, obj = str(obj), read_file(obj)
+    sd = extract_state_dict(obj, use_ema=use_ema, source=source)
+    fmt = detect_format(sd)
+    target = model.state_dict()
+    mapping = {NAMERS[fmt](k): k for k in target}
+    head_keys = {NAMERS[fmt](k) for k in target if k.startswith("head.")} | {"head.weight", "head.bias"}
+    renamed, unexpected = {}, []
+    for k, v in sd.items():
+        if drop_head and k in head_keys:
+            continue
+        if k in mapping:
+            renamed[mapping[k]] = v
+        else:
+            unexpected.append(k)
+    missing = [k for k in target if k not in renamed and not (drop_head and k.startswith("head."))]
+    bad_shapes = [f"{k} {tuple(v.shape)} in file vs {tuple(target[k].shape)} in model"
+                  for k, v in renamed.items() if v.shape != target[k].shape]
+    if bad_shapes:
+        hint = " (a head for another class count: pass drop_head=True to fine-tune)" if any(
+            s.startswith("head.") for s in bad_shapes) else ""
+        raise UserError(f"{source}: shape mismatch for {len(bad_shapes)} key(s): {'; '.join(bad_shapes[:6])}{hint}")
+    if strict and (missing or unexpected):
+        raise UserError(
+            f"{source} ({fmt} format) does not fit the model: {len(missing)} missing key(s) {missing[:8]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:8]}; check the model config (model=...) or pass strict=False")
+    model.load_state_dict(renamed, strict=False)
+    return fmt

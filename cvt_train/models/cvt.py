@@ -1,0 +1,232 @@
+"""CvT: Convolutional vision Transformer (Wu et al., 2021, arXiv 2103.15808), top to bottom.
+
+Module and parameter names follow the official implementation (microsoft/CvT), so that an official
+state dict loads after renaming only `stageN.` to `stages.N.` (see convert.py).
+
+Shapes: B batch, C channels of a stage, H x W its feature map, N = H*W tokens, T = N (+1 with a cls token).
+Tokens are (B, T, C); maps are (B, C, H, W). Going from tokens to a map is a view with channels-last strides,
+which depthwise convolutions and LayerNorm both take without a copy.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from .presets import ModelConfig, StageConfig, stage_map_sizes
+
+
+class QuickGELU(nn.Module):
+    """The official CvT activation: x * sigmoid(1.702 x), a cheap approximation of GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_act(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, N, C) -> (B, C, H, W) as a view (channels-last strides when x is contiguous)."""
+    return x.transpose(1, 2).unflatten(2, (h, w))
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C); free for a channels-last map."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class ConvEmbed(nn.Module):
+    """Convolutional token embedding: Conv2d then LayerNorm over channels. `patch` = ViT-style, kernel == stride."""
+
+    def __init__(self, in_chans: int, s: StageConfig, eps: float):
+        super().__init__()
+        if s.embed == "patch":
+            kernel, stride, padding = s.patch_stride, s.patch_stride, 0
+        else:
+            kernel, stride, padding = s.patch_size, s.patch_stride, s.patch_padding
+        self.proj = nn.Conv2d(in_chans, s.dim_embed, kernel, stride, padding)
+        self.norm = nn.LayerNorm(s.dim_embed, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)  # (B, C, H, W)
+        h, w = x.shape[-2:]
+        return self.norm(map_to_tokens(x)), h, w  # (B, N, C)
+
+
+def conv_projection(dim: int, method: str, kernel: int, padding: int, stride: int) -> nn.Module:
+    """Turns a map into the map a q, k or v is read from. Keys `conv`/`bn` match the official state dict."""
+    if method == "dw_bn":
+        conv = nn.Conv2d(dim, dim, kernel, stride, padding, groups=dim, bias=False)
+        return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(dim)))
+    if method == "avg":
+        return nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)
+    return nn.Identity()  # "linear": tokens go straight to the Linear projection
+
+
+class Attention(nn.Module):
+    """Multi-head attention with convolutional projections of q, k and v."""
+
+    def __init__(self, s: StageConfig):
+        super().__init__()
+        dim, self.num_heads, self.has_cls = s.dim_embed, s.num_heads, s.cls_token
+        self.scale = dim**-0.5  # the whole width, not the head width, as in the official code and HF
+        # The official code leaves q unprojected when k and v are average-pooled.
+        q_method = "linear" if s.qkv_proj_method == "avg" else s.qkv_proj_method
+        self.conv_proj_q = conv_projection(dim, q_method, s.kernel_qkv, s.padding_q, s.stride_q)
+        self.conv_proj_k = conv_projection(dim, s.qkv_proj_method, s.kernel_qkv, s.padding_kv, s.stride_kv)
+        self.conv_proj_v = conv_projection(dim, s.qkv_proj_method, s.kernel_qkv, s.padding_kv, s.stride_kv)
+        self.proj_q = nn.Linear(dim, dim, bias=s.qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=s.qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=s.qkv_bias)
+        self.attn_drop = s.attn_drop_rate
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(s.drop_rate)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        b, t, c = x.shape
+        if self.has_cls:
+            cls, x = x[:, :1], x[:, 1:]  # the cls token bypasses the convolutions
+        m = tokens_to_map(x, h, w)  # (B, C, H, W)
+        q = map_to_tokens(self.conv_proj_q(m))  # (B, N, C)
+        k = map_to_tokens(self.conv_proj_k(m))  # (B, N / stride_kv^2, C)
+        v = map_to_tokens(self.conv_proj_v(m))
+        if self.has_cls:
+            q, k, v = (torch.cat((cls, y), dim=1) for y in (q, k, v))
+
+        def heads(y: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, heads, T, C / heads)
+            return y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        q, k, v = heads(self.proj_q(q)), heads(self.proj_k(k)), heads(self.proj_v(v))
+        drop = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        x = x.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = make_act(act)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, s: StageConfig, act: str, eps: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(s.dim_embed, eps=eps)
+        self.attn = Attention(s)
+        self.drop_path = StochasticDepth(drop_path, "row")
+        self.norm2 = nn.LayerNorm(s.dim_embed, eps=eps)
+        self.mlp = Mlp(s.dim_embed, int(s.dim_embed * s.mlp_ratio), act, s.drop_rate)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """Token embedding, optional position embedding and cls token, then `depth` blocks."""
+
+    def __init__(self, in_chans: int, s: StageConfig, act: str, eps: float, grid: tuple[int, int]):
+        super().__init__()
+        self.patch_embed = ConvEmbed(in_chans, s, eps)
+        # Learned position embedding for the map size of the configured image size; resized for other sizes.
+        self.pos_embed = nn.Parameter(torch.zeros(1, s.dim_embed, *grid)) if s.pos_embed else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, s.dim_embed)) if s.cls_token else None
+        self.pos_drop = nn.Dropout(s.drop_rate)
+        # Stochastic depth grows linearly over the blocks of this stage, from 0 to drop_path_rate.
+        rates = torch.linspace(0, s.drop_path_rate, s.depth).tolist()
+        self.blocks = nn.ModuleList(Block(s, act, eps, r) for r in rates)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, h, w = self.patch_embed(x)  # (B, N, C)
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if pos.shape[-2:] != (h, w):
+                pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+            x = x + map_to_tokens(pos)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + N, C)
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            x = block(x, h, w)
+        cls = None
+        if self.cls_token is not None:
+            cls, x = x[:, :1], x[:, 1:]
+        return tokens_to_map(x, h, w), cls
+
+
+class CvT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        grids = stage_map_sizes(cfg, (cfg.image_size, cfg.image_size))
+        in_chans, stages = cfg.in_chans, []
+        for s, grid in zip(cfg.stages, grids):
+            stages.append(Stage(in_chans, s, cfg.act, cfg.ln_eps, grid))
+            in_chans = s.dim_embed
+        self.stages = nn.ModuleList(stages)
+        self.num_features = in_chans
+        self.norm = nn.LayerNorm(in_chans, eps=cfg.ln_eps)
+        self.head = nn.Linear(in_chans, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._checked_sizes: set[tuple[int, int]] = set()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: Linear weights trunc-normal std 0.02 (or Xavier), zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if self.cfg.init == "xavier":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for stage in self.stages:
+            for p in (stage.cls_token, stage.pos_embed):
+                if p is not None:
+                    nn.init.trunc_normal_(p, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters kept out of weight decay: norms, biases, cls tokens, position embeddings."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(("cls_token", "pos_embed"))}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[-2:])
+        if size not in self._checked_sizes:  # a clear message instead of a conv error deep inside
+            stage_map_sizes(self.cfg, size)
+            self._checked_sizes.add(size)
+        cls = None
+        for stage in self.stages:
+            x, cls = stage(x)
+        if cls is not None:
+            return self.norm(cls[:, 0])  # (B, C)
+        return self.norm(map_to_tokens(x)).mean(dim=1)  # (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["CvT", "QuickGELU", "num_params"]

@@ -1,0 +1,212 @@
+"""Model configs: the schema (per-stage keys of the official MODEL.SPEC, lower-cased), presets, validation.
+
+Presets live in `cvt_train/conf/model/*.yaml` (also the Hydra `model` group), so the command line and
+`create_model("cvt13")` read the same file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ..errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PROJ_METHODS = ("dw_bn", "avg", "linear")
+EMBED_METHODS = ("conv", "patch")
+ACTS = ("quick_gelu", "gelu")
+
+
+@dataclass
+class StageConfig:
+    embed: str = "conv"  # "conv" (overlapping, kernel/stride/padding) or "patch" (ViT-style, kernel == stride)
+    patch_size: int = 3
+    patch_stride: int = 2
+    patch_padding: int = 1
+    dim_embed: int = 64
+    depth: int = 1
+    num_heads: int = 1
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    cls_token: bool = False
+    pos_embed: bool = False
+    qkv_proj_method: str = "dw_bn"
+    kernel_qkv: int = 3
+    padding_q: int = 1
+    padding_kv: int = 1
+    stride_q: int = 1
+    stride_kv: int = 2
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cvt"
+    act: str = "quick_gelu"  # official; "gelu" (exact) as in HF transformers
+    num_classes: int = 1000
+    in_chans: int = 3
+    image_size: int = 224  # the size position embeddings are made for; other sizes interpolate them
+    ln_eps: float = 1e-5
+    init: str = "trunc_norm"  # or "xavier"
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+def _check_keys(cls, data: Mapping, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+
+
+def _coerce(cls, data: Mapping, where: str) -> dict:
+    """Type-check values against the dataclass defaults (ints stay ints, bools stay bools)."""
+    out = {}
+    for f in fields(cls):
+        if f.name not in data or f.name == "stages":
+            continue
+        value, kind = data[f.name], type(f.default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise UserError(f"{where}.{f.name}: expected {kind.__name__}, got {value!r}")
+        out[f.name] = value
+    return out
+
+
+def model_config(cfg: Any, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a preset name, a dict / DictConfig (e.g. Hydra's `cfg.model`) or a ModelConfig.
+
+    Overrides are top-level keys (`num_classes=10`, `act="gelu"`) or dotted paths (`**{"stages.0.depth": 2}`).
+    """
+    if isinstance(cfg, ModelConfig):
+        cfg = dataclasses.asdict(cfg)
+    if isinstance(cfg, str):
+        cfg = load_preset(cfg)
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    data = OmegaConf.create(dict(cfg))
+    for key, value in overrides.items():
+        OmegaConf.update(data, key, value, merge=False)
+    data = OmegaConf.to_container(data, resolve=True)
+    _check_keys(ModelConfig, data, "model")
+    stages = data.get("stages") or []
+    if not isinstance(stages, list) or not stages:
+        raise UserError("model.stages: expected a non-empty list of per-stage dicts")
+    stage_cfgs = []
+    for i, s in enumerate(stages):
+        where = f"model.stages.{i}"
+        if not isinstance(s, Mapping):
+            raise UserError(f"{where}: expected a dict of stage keys, got {s!r}")
+        _check_keys(StageConfig, s, where)
+        stage_cfgs.append(StageConfig(**_coerce(StageConfig, s, where)))
+    mc = ModelConfig(**_coerce(ModelConfig, data, "model"), stages=stage_cfgs)
+    validate(mc)
+    return mc
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Reject configs that cannot build or run, naming the stage and key."""
+    if cfg.act not in ACTS:
+        raise UserError(f"model.act: unknown activation {cfg.act!r}; choose one of {list(ACTS)}")
+    if cfg.init not in ("trunc_norm", "xavier"):
+        raise UserError(f"model.init: unknown init {cfg.init!r}; choose trunc_norm or xavier")
+    if cfg.num_classes < 0:
+        raise UserError(f"model.num_classes: must be >= 0 (0 = no head), got {cfg.num_classes}")
+    for i, s in enumerate(cfg.stages):
+        w = f"model.stages.{i}"
+        if s.embed not in EMBED_METHODS:
+            raise UserError(f"{w}.embed: unknown embedding {s.embed!r}; choose one of {list(EMBED_METHODS)}")
+        if s.qkv_proj_method not in PROJ_METHODS:
+            raise UserError(f"{w}.qkv_proj_method: unknown method {s.qkv_proj_method!r}; choose one of {list(PROJ_METHODS)}")
+        for key in ("dim_embed", "depth", "num_heads", "patch_size", "patch_stride", "kernel_qkv", "stride_kv", "stride_q"):
+            if getattr(s, key) < 1:
+                raise UserError(f"{w}.{key}: must be >= 1, got {getattr(s, key)}")
+        for key in ("patch_padding", "padding_q", "padding_kv"):
+            if getattr(s, key) < 0:
+                raise UserError(f"{w}.{key}: must be >= 0, got {getattr(s, key)}")
+        if s.dim_embed % s.num_heads:
+            raise UserError(f"{w}.num_heads: {s.num_heads} heads do not divide dim_embed {s.dim_embed}")
+        if s.stride_q != 1 and s.qkv_proj_method != "linear":
+            raise UserError(
+                f"{w}.stride_q: a query stride of {s.stride_q} shrinks the output below the residual's size "
+                "(the official code has the same limit); use stride_q=1 and change stride_kv instead")
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(s, key) < 1.0:
+                raise UserError(f"{w}.{key}: must be in [0, 1), got {getattr(s, key)}")
+        if s.mlp_ratio <= 0:
+            raise UserError(f"{w}.mlp_ratio: must be > 0, got {s.mlp_ratio}")
+        if s.cls_token and i != len(cfg.stages) - 1:
+            raise UserError(f"{w}.cls_token: only the last stage may carry a cls token (as in the official code)")
+    stage_map_sizes(cfg, (cfg.image_size, cfg.image_size))
+
+
+def _conv_out(n: int, kernel: int, stride: int, padding: int, ceil: bool = False) -> int:
+    span = n + 2 * padding - kernel
+    if span < 0:
+        return 0
+    return (-(-span // stride) if ceil else span // stride) + 1
+
+
+def stage_map_sizes(cfg: ModelConfig, image_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The (H, W) of each stage's token map for an input size; a clear error where a map vanishes."""
+    sizes, hw = [], tuple(image_size)
+    for i, s in enumerate(cfg.stages):
+        if s.embed == "patch":
+            k, st, p = s.patch_stride, s.patch_stride, 0
+        else:
+            k, st, p = s.patch_size, s.patch_stride, s.patch_padding
+        new = tuple(_conv_out(n, k, st, p) for n in hw)
+        if min(new) < 1:
+            raise UserError(
+                f"model.stages.{i}.patch_stride: a {image_size[0]}x{image_size[1]} input leaves a {hw[0]}x{hw[1]} map "
+                f"before stage {i}, too small for its embedding (kernel {k}, stride {st}, padding {p}); "
+                "lower a patch_stride or raise the image size")
+        if s.qkv_proj_method != "linear":
+            kv = tuple(_conv_out(n, s.kernel_qkv, s.stride_kv, s.padding_kv, ceil=s.qkv_proj_method == "avg") for n in new)
+            if min(kv) < 1:
+                raise UserError(
+                    f"model.stages.{i}.kernel_qkv: the {new[0]}x{new[1]} map of stage {i} is too small for the k/v "
+                    f"projection (kernel {s.kernel_qkv}, padding {s.padding_kv}); lower kernel_qkv or raise padding_kv")
+        sizes.append(new)
+        hw = new
+    return sizes
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"model: unknown preset {name!r}; choose one of {preset_names()}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+# Official MODEL.SPEC keys -> ours. A list gives one value per stage; a scalar applies to every stage.
+_OFFICIAL_STAGE_KEYS = {f.name.upper(): f.name for f in fields(StageConfig)} | {"PATCH_SIZE": "patch_size"}
+
+
+def official_spec_to_config(spec: Mapping, num_classes: int = 1000) -> dict:
+    """The MODEL.SPEC block of an official CvT yaml (upper-case keys, INIT included) as our model config dict."""
+    spec = dict(spec)
+    num_stages = int(spec.pop("NUM_STAGES", len(spec.get("DIM_EMBED", [])) or 3))
+    init = str(spec.pop("INIT", "trunc_norm"))
+    stages: list[dict] = [{} for _ in range(num_stages)]
+    for key, value in spec.items():
+        ours = _OFFICIAL_STAGE_KEYS.get(key.upper())
+        if ours is None:
+            raise UserError(f"MODEL.SPEC.{key}: not a CvT spec key; known: {sorted(_OFFICIAL_STAGE_KEYS)}")
+        values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value] * num_stages
+        if len(values) != num_stages:
+            raise UserError(f"MODEL.SPEC.{key}: {len(values)} values for NUM_STAGES={num_stages}")
+        for stage, v in zip(stages, values):
+            stage[ours] = v.lower() if isinstance(v, str) else v
+    return {"name": "official", "num_classes": num_classes, "init": init, "stages": stages}
