@@ -1,0 +1,50 @@
+"""Optimizer with weight-decay groups, and the per-iteration learning-rate schedule."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+
+from ..errors import UserError
+
+
+def learning_rate(optim: DictConfig, global_batch: int) -> float:
+    """`optim.lr` if given, else `base_lr` scaled linearly by the global batch (DeiT's rule)."""
+    if optim.lr is not None:
+        return float(optim.lr)
+    return float(optim.base_lr) * global_batch / float(optim.base_batch_size)
+
+
+def build_optimizer(model: nn.Module, optim: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW / SGD; no weight decay on `model.no_weight_decay()` (norms, biases, cls tokens, pos embeds)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov)
+    raise UserError(f"optim.name: unknown optimizer {optim.name!r}; choose adamw or sgd")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched: DictConfig, lr: float,
+                    steps_per_epoch: int, epochs: int) -> LRScheduler:
+    """Linear warmup from `warmup_lr`, then cosine to `min_lr` (or constant); stepped once per optimizer step."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(int(round(sched.warmup_epochs * steps_per_epoch)), total - 1)
+    if sched.name == "cosine":
+        main = CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=sched.min_lr)
+    elif sched.name == "constant":
+        main = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        raise UserError(f"sched.name: unknown schedule {sched.name!r}; choose cosine or constant")
+    if warmup == 0:
+        return main
+    start = min(1.0, sched.warmup_lr / lr) if lr > 0 else 1.0
+    ramp = LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, main], milestones=[warmup])

@@ -1,0 +1,170 @@
+"""`cvt-eval`: Top-1 / Top-5 / loss / params / GMACs / images/s of a checkpoint, written to eval.json.
+
+Our checkpoints carry their config as plain data: the model and the data pipeline are rebuilt from it (nothing in a
+checkpoint is instantiated or resolved), then the user's overrides are applied on top. Official and HF weight files
+carry no config: name the architecture (`model=cvt13`) and the data (`data=imagenet data.root=...`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from .cli import friendly_errors
+from .errors import UserError
+from .flops import count_macs
+from .models import CvT, model_config
+from .models.convert import extract_state_dict, load_checkpoint, read_file
+
+log = logging.getLogger("cvt_train")
+GROUPS = ("model", "data", "aug")
+SPLITS = ("val", "test", "train")
+
+
+def is_own_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj
+
+
+def as_plain_data(value: Any) -> Any:
+    """A stored config as inert data: `${...}` in strings is escaped, so OmegaConf never resolves anything from it."""
+    if isinstance(value, dict):
+        return {str(k): as_plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_plain_data(v) for v in value]
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if value is None or isinstance(value, (int, float, bool)):
+        return value
+    raise UserError(f"checkpoint config holds a {type(value).__name__}, not plain data; refusing it")
+
+
+def load_model(path: str | Path, use_ema: bool = False) -> CvT:
+    """The model of one of our checkpoints, built from its stored config, in eval mode."""
+    obj = read_file(path)
+    if not is_own_checkpoint(obj):
+        raise UserError(f"{path}: not a cvt-train checkpoint; for official / HF weights build the model with "
+                        "create_model(...) and call load_checkpoint(model, path)")
+    model = CvT(model_config(as_plain_data(obj["config"])["model"]))
+    load_checkpoint(model, obj, use_ema=use_ema)
+    return model.eval()
+
+
+def _user_overrides() -> tuple[set[str], list[str]]:
+    """Groups the user chose (`data=imagenet`) and keys the user set (`data.root=...`) on the command line."""
+    groups, keys = set(), []
+    for item in HydraConfig.get().overrides.task:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "." in key:
+            keys.append(key)
+        else:
+            groups.add(key)
+    return groups, keys
+
+
+def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
+    """The config to evaluate with: the checkpoint's own (for our checkpoints) under the user's overrides."""
+    groups, keys = _user_overrides()
+    if is_own_checkpoint(obj):
+        stored = as_plain_data(obj["config"])
+        out = OmegaConf.create({g: stored[g] for g in GROUPS if g in stored})
+        for g in GROUPS:
+            if g in groups or g not in out:
+                out[g] = cfg[g]
+        for key in keys:
+            if key.split(".")[0] in GROUPS:
+                OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
+    else:
+        if "model" not in groups:
+            raise UserError(f"ckpt: {cfg.ckpt} is not a cvt-train checkpoint (no stored config); name its "
+                            "architecture and data, e.g. model=cvt13 data=imagenet data.root=/data/imagenet")
+        out = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=True) for g in GROUPS})
+    out.trainer = cfg.trainer
+    out.eval = cfg.eval
+    if cfg.eval.resolution:
+        out.data.image_size = int(cfg.eval.resolution)
+    if cfg.eval.batch_size:
+        out.data.batch_size = int(cfg.eval.batch_size)
+    out.data.train_subset = None  # evaluation never subsamples training data by accident
+    return out
+
+
+def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
+    from .data import build_data
+    from .engine.distributed import resolve_device
+    from .engine.evaluate import evaluate
+    from .engine.trainer import autocast, autocast_dtype
+
+    if cfg.eval.split not in SPLITS:
+        raise UserError(f"eval.split: unknown split {cfg.eval.split!r}; choose one of {list(SPLITS)}")
+    if cfg.trainer.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"trainer.precision: {cfg.trainer.precision!r} is not one of auto, bf16, fp16, fp32")
+    obj = read_file(cfg.ckpt)
+    ecfg = eval_config(cfg, obj)
+    mc = model_config(ecfg.model)
+    sd = extract_state_dict(obj, use_ema=cfg.eval.ema, source=str(cfg.ckpt))
+    head = next((v for k, v in sd.items() if k.endswith(("head.weight", "classifier.weight"))), None)
+    if head is not None and head.shape[0] != ecfg.data.num_classes:
+        raise UserError(f"ckpt: {cfg.ckpt} classifies {head.shape[0]} classes but data={ecfg.data.name} has "
+                        f"{ecfg.data.num_classes}; evaluate it on matching data (e.g. data=imagenet for 1000 classes)")
+    if mc.num_classes != ecfg.data.num_classes:
+        raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={ecfg.data.num_classes}")
+    model = CvT(mc)
+    fmt = load_checkpoint(model, sd)
+    device = resolve_device(cfg.trainer.device)
+    model = model.to(device).eval()
+    split_data = _with_split(ecfg, cfg.eval.split)
+    data = build_data(split_data, rank=0, world_size=1, device=device)
+    batches = data.val_batches()
+    amp_dtype = autocast_dtype(cfg.trainer.precision, device)
+    size = int(ecfg.data.image_size)
+    bar = tqdm(total=data.num_val, desc=f"eval {cfg.eval.split}", disable=not cfg.eval.progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    metrics = evaluate(model, batches, device, autocast(device, amp_dtype), bar)
+    seconds = time.perf_counter() - start
+    bar.close()
+    result = {
+        **metrics,
+        "params": sum(p.numel() for p in model.parameters()),
+        "gmacs": count_macs(model, (mc.in_chans, size, size)) / 1e9,
+        "images_per_s": metrics["images"] / max(seconds, 1e-9),
+        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+        "checkpoint": str(cfg.ckpt), "checkpoint_format": fmt, "ema": bool(cfg.eval.ema),
+        "split": cfg.eval.split, "resolution": size, "model": mc.name, "data": ecfg.data.name,
+        "mean": list(ecfg.data.mean), "std": list(ecfg.data.std), "device": str(device),
+    }
+    Path(run_dir, "eval.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "images", "params", "gmacs", "images_per_s")}))
+    return result
+
+
+def _with_split(cfg: DictConfig, split: str) -> DictConfig:
+    """val: what training validated on; test: the dataset's own test/val split; train: the training images."""
+    cfg = cfg.copy()
+    if split == "test":
+        cfg.data.val_split = 0.0
+    elif split == "train":
+        cfg.data.eval_on_train = True
+    return cfg
+
+
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+@friendly_errors
+def run(cfg: DictConfig) -> float:
+    return evaluate_checkpoint(cfg, HydraConfig.get().runtime.output_dir)["top1"]
+
+
+def main() -> None:
+    run()
+
+
+if __name__ == "__main__":
+    main()
