@@ -114,10 +114,21 @@ class StopRequest:
 
 
 def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain data, so weights_only loading accepts it
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def restore_rng(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    n = states["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
@@ -173,6 +184,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema_state") is not None:
             ema.load_state_dict(ckpt["ema_state"])
+        restore_rng(ckpt["rng"])
         start_epoch, start_step = ckpt["epoch"], ckpt.get("step", 0)
         best_top1, metrics, global_step = ckpt.get("best_top1", 0.0), ckpt.get("metrics", {}), ckpt["global_step"]
         if dist.is_main:
