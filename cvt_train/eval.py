@@ -121,8 +121,9 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     fmt = load_checkpoint(model, sd)
     device = resolve_device(cfg.trainer.device)
     model = model.to(device).eval()
-    split_data = _with_split(ecfg, cfg.eval.split)
-    data = build_data(split_data, rank=0, world_size=1, device=device)
+    if cfg.eval.split == "test":
+        ecfg.data.val_split = 0.0  # the dataset's own test/val split, whatever training held out
+    data = build_data(ecfg, rank=0, world_size=1, device=device, train=False, eval_on_train=cfg.eval.split == "train")
     batches = data.val_batches()
     amp_dtype = autocast_dtype(cfg.trainer.precision, device)
     size = int(ecfg.data.image_size)
@@ -144,16 +145,6 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     Path(run_dir, "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "images", "params", "gmacs", "images_per_s")}))
     return result
-
-
-def _with_split(cfg: DictConfig, split: str) -> DictConfig:
-    """val: what training validated on; test: the dataset's own test/val split; train: the training images."""
-    cfg = cfg.copy()
-    if split == "test":
-        cfg.data.val_split = 0.0
-    elif split == "train":
-        cfg.data.eval_on_train = True
-    return cfg
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

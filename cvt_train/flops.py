@@ -41,12 +41,20 @@ def count_flops(model: nn.Module, inputs: torch.Tensor, backward: bool = False) 
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
-    """Multiply-adds of one forward pass for one image of `input_size` (C, H, W): the paper's "FLOPs"."""
+    """Multiply-adds of one forward pass for one image of `input_size` (C, H, W): the paper's "FLOPs".
+
+    Counted on the meta device (shapes only, no arithmetic and no memory), so even CvT-W24 at 384 costs a blink.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model) if isinstance(getattr(model, "module", None), nn.Module) else model  # DDP
+    tensors = {n: torch.empty_like(t, device="meta") for n, t in (*model.named_parameters(), *model.named_buffers())}
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    x = torch.zeros(1, *input_size, dtype=dtype, device="meta")
     was_training = model.training
     model.eval()
     try:
-        p = next(model.parameters())
-        x = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
-        return count_flops(model, x) // 2
+        with FlopCounterMode(display=False) as counter:
+            torch.func.functional_call(model, tensors, (x,))
+        return counter.get_total_flops() // 2
     finally:
         model.train(was_training)

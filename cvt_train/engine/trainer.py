@@ -63,7 +63,12 @@ def ema_avg_fn(decay: float, warmup: bool):
     def update(ema_params, params, num_averaged):
         n = int(num_averaged)
         d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - d)
+        for e, p in zip(ema_params, params):
+            if not e.is_floating_point():  # BatchNorm's num_batches_tracked: copied, not averaged
+                e.copy_(p)
 
     return update
 
@@ -282,7 +287,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                     save("last.pt", epoch, step + 1)
                     bar.close()
                     if dist.is_main:
-                        log.warning("stopped by signal %d at epoch %d step %d; last.pt written. Resume with: "
+                        log.warning("stopped by signal %s at epoch %d step %d; last.pt written. Resume with: "
                                     "cvt-train <same overrides> hydra.run.dir=%s trainer.resume=auto",
                                     stop.signum, epoch + 1, step + 1, run_dir)
                     return best_top1

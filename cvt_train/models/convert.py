@@ -127,7 +127,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = Tr
     fmt = detect_format(sd)
     target = model.state_dict()
     mapping = {NAMERS[fmt](k): k for k in target}
-    head_keys = {NAMERS[fmt](k) for k in target if k.startswith("head.")} | {"head.weight", "head.bias"}
+    # the file's head keys, also when the model has none (num_classes=0): HF calls them classifier.*
+    head_keys = {NAMERS[fmt](k) for k in (*target, "head.weight", "head.bias") if k.startswith("head.")}
     renamed, unexpected = {}, []
     for k, v in sd.items():
         if drop_head and k in head_keys:

@@ -11,6 +11,7 @@ which depthwise convolutions and LayerNorm both take without a copy.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,32 @@ def conv_projection(dim: int, method: str, kernel: int, padding: int, stride: in
     return nn.Identity()  # "linear": tokens go straight to the Linear projection
 
 
+def run_projection(proj: nn.Module, m: torch.Tensor) -> torch.Tensor:
+    """Apply a conv projection. In eval mode its BatchNorm is folded into the conv's weight and bias (computed from
+    the parameters on every call, so nothing is cached): one pass over the map instead of two."""
+    if isinstance(proj, nn.Sequential) and not proj.bn.training:
+        conv, bn = proj.conv, proj.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,)
+        weight, bias = conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+        return F.conv2d(m, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return proj(m)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, drop: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over (B, heads, T, C / heads) tensors.
+
+    SDPA's fused kernel never materialises the T x T' scores, which wins for the long sequences of the first
+    stages. On CPU its backward is slow for short ones, though: for the 197 x 50 of CvT-13's last stage, three plain
+    ops (a matmul, a softmax, a matmul) train 4x faster, so those take the plain path.
+    """
+    if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= 2**14:
+        attn = (q @ (k * scale).transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T')
+        if drop > 0.0:
+            attn = F.dropout(attn, drop)
+        return attn @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=scale)
+
+
 class Attention(nn.Module):
     """Multi-head attention with convolutional projections of q, k and v."""
 
@@ -92,19 +119,24 @@ class Attention(nn.Module):
         b, t, c = x.shape
         if self.has_cls:
             cls, x = x[:, :1], x[:, 1:]  # the cls token bypasses the convolutions
-        m = tokens_to_map(x, h, w)  # (B, C, H, W)
-        q = map_to_tokens(self.conv_proj_q(m))  # (B, N, C)
-        k = map_to_tokens(self.conv_proj_k(m))  # (B, N / stride_kv^2, C)
-        v = map_to_tokens(self.conv_proj_v(m))
+        # On CPU the depthwise convs and their BatchNorm run in the parameters' dtype (fp32) even under autocast:
+        # oneDNN's bf16 backward of a strided depthwise conv is ~20x slower than its fp32 one, and these
+        # memory-bound ops gain little from bf16 anyway. The Linear layers below are autocast as usual.
+        cpu = x.device.type == "cpu"
+        with torch.autocast("cpu", enabled=False) if cpu else nullcontext():
+            dtype = self.proj_q.weight.dtype if cpu else x.dtype
+            m = tokens_to_map(x, h, w).to(dtype, memory_format=torch.channels_last)  # (B, C, H, W)
+            q = map_to_tokens(run_projection(self.conv_proj_q, m))  # (B, N, C)
+            k = map_to_tokens(run_projection(self.conv_proj_k, m))  # (B, N / stride_kv^2, C)
+            v = map_to_tokens(run_projection(self.conv_proj_v, m))
         if self.has_cls:
-            q, k, v = (torch.cat((cls, y), dim=1) for y in (q, k, v))
+            q, k, v = (torch.cat((cls.to(y.dtype), y), dim=1) for y in (q, k, v))
 
         def heads(y: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, heads, T, C / heads)
             return y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
         q, k, v = heads(self.proj_q(q)), heads(self.proj_k(k)), heads(self.proj_v(v))
-        drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        x = attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.proj_drop(self.proj(x))
 
@@ -118,6 +150,12 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.act, QuickGELU):
+            # x * sigmoid(1.702 x) == silu(1.702 x) / 1.702: the two scalings move into fc1's and fc2's weights
+            # (weight-sized work instead of activation-sized), leaving one fused SiLU with a one-kernel backward.
+            a = 1.702
+            x = F.silu(F.linear(x, self.fc1.weight * a, self.fc1.bias * a))
+            return self.drop(F.linear(self.drop(x), self.fc2.weight / a, self.fc2.bias))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -148,7 +186,7 @@ class Stage(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, s.dim_embed)) if s.cls_token else None
         self.pos_drop = nn.Dropout(s.drop_rate)
         # Stochastic depth grows linearly over the blocks of this stage, from 0 to drop_path_rate.
-        rates = torch.linspace(0, s.drop_path_rate, s.depth).tolist()
+        rates = torch.linspace(0, s.drop_path_rate, s.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(s, act, eps, r) for r in rates)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import UserError
 
@@ -93,7 +94,11 @@ def model_config(cfg: Any, **overrides: Any) -> ModelConfig:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     data = OmegaConf.create(dict(cfg))
     for key, value in overrides.items():
-        OmegaConf.update(data, key, value, merge=False)
+        try:
+            OmegaConf.update(data, key, value, merge=False)
+        except (OmegaConfBaseException, TypeError, IndexError) as e:  # e.g. stages.5.depth on a 3-stage model
+            raise UserError(f"model.{key}: cannot set this key ({' '.join(str(e).split())}); "
+                            f"the model has {len(data.get('stages') or [])} stages, indexed from 0") from e
     data = OmegaConf.to_container(data, resolve=True)
     _check_keys(ModelConfig, data, "model")
     stages = data.get("stages") or []
@@ -133,10 +138,20 @@ def validate(cfg: ModelConfig) -> None:
                 raise UserError(f"{w}.{key}: must be >= 0, got {getattr(s, key)}")
         if s.dim_embed % s.num_heads:
             raise UserError(f"{w}.num_heads: {s.num_heads} heads do not divide dim_embed {s.dim_embed}")
-        if s.stride_q != 1 and s.qkv_proj_method != "linear":
-            raise UserError(
-                f"{w}.stride_q: a query stride of {s.stride_q} shrinks the output below the residual's size "
-                "(the official code has the same limit); use stride_q=1 and change stride_kv instead")
+        if s.qkv_proj_method == "dw_bn":  # only dw_bn convolves q (avg and linear leave it as is)
+            if s.stride_q != 1:
+                raise UserError(
+                    f"{w}.stride_q: a query stride of {s.stride_q} shrinks the output below the residual's size "
+                    "(the official code has the same limit); use stride_q=1 and change stride_kv instead")
+            if s.kernel_qkv % 2 == 0:
+                raise UserError(f"{w}.kernel_qkv: an even kernel ({s.kernel_qkv}) cannot keep the query map's size; "
+                                "use an odd kernel_qkv such as 3")
+            if 2 * s.padding_q + 1 != s.kernel_qkv:
+                raise UserError(f"{w}.padding_q: with kernel_qkv {s.kernel_qkv} the query map keeps its size only with "
+                                f"padding_q {(s.kernel_qkv - 1) // 2}, got {s.padding_q}")
+        if s.qkv_proj_method == "avg" and 2 * s.padding_kv > s.kernel_qkv:
+            raise UserError(f"{w}.padding_kv: average pooling allows at most half the kernel as padding "
+                            f"(kernel_qkv {s.kernel_qkv}), got {s.padding_kv}")
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(s, key) < 1.0:
                 raise UserError(f"{w}.{key}: must be in [0, 1), got {getattr(s, key)}")

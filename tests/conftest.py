@@ -1,0 +1,52 @@
+"""Shared helpers: a tiny CvT for fast tests, weight randomisation, the presets built once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cvt_train
+
+# CvT-13's geometry (strides 4/2/2, so 32x32 inputs still work: maps 8, 4, 2) with small widths and depths.
+TINY = {"num_classes": 10, "stages.0.dim_embed": 16, "stages.1.dim_embed": 32, "stages.2.dim_embed": 48,
+        "stages.1.num_heads": 2, "stages.2.num_heads": 3, "stages.1.depth": 1, "stages.2.depth": 2}
+
+
+def tiny_model(**overrides) -> cvt_train.CvT:
+    return cvt_train.create_model("cvt13", **{**TINY, **overrides})
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Perturb every parameter and set BatchNorm running stats, so that a mixed-up key changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# The presets, built once per session; tests must not change their weights. The bigger two are only counted,
+# so they skip trunc_normal_ (slow on CPU: seconds for W24); sizes do not depend on the init.
+@pytest.fixture(scope="session")
+def cvt13() -> cvt_train.CvT:
+    return cvt_train.create_model("cvt13")
+
+
+@pytest.fixture(scope="session")
+def cvt21() -> cvt_train.CvT:
+    return cvt_train.create_model("cvt21", init="xavier")
+
+
+@pytest.fixture(scope="session")
+def cvtw24() -> cvt_train.CvT:
+    """277M parameters, ~1.1 GB; building on the meta device would be instant once cvt.py allows it."""
+    return cvt_train.create_model("cvtw24", init="xavier")
