@@ -55,7 +55,9 @@ class ConvEmbed(nn.Module):
         self.norm = nn.LayerNorm(s.dim_embed, eps=eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.proj(x)  # (B, C, H, W)
+        # A channels-last input gives a channels-last output, whose token view below is free (a no-op for the maps
+        # of earlier stages, which are channels-last views of their tokens already).
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W)
         h, w = x.shape[-2:]
         return self.norm(map_to_tokens(x)), h, w  # (B, N, C)
 
@@ -117,8 +119,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         b, t, c = x.shape
-        if self.has_cls:
-            cls, x = x[:, :1], x[:, 1:]  # the cls token bypasses the convolutions
+        if self.has_cls:  # the cls token bypasses the convolutions (split, unlike slicing, has a one-copy backward)
+            cls, x = x.split((1, t - 1), dim=1)
         # On CPU the depthwise convs and their BatchNorm run in the parameters' dtype (fp32) even under autocast:
         # oneDNN's bf16 backward of a strided depthwise conv is ~20x slower than its fp32 one, and these
         # memory-bound ops gain little from bf16 anyway. The Linear layers below are autocast as usual.
@@ -129,13 +131,16 @@ class Attention(nn.Module):
             q = map_to_tokens(run_projection(self.conv_proj_q, m))  # (B, N, C)
             k = map_to_tokens(run_projection(self.conv_proj_k, m))  # (B, N / stride_kv^2, C)
             v = map_to_tokens(run_projection(self.conv_proj_v, m))
-        if self.has_cls:
-            q, k, v = (torch.cat((cls.to(y.dtype), y), dim=1) for y in (q, k, v))
+        q, k, v = self.proj_q(q), self.proj_k(k), self.proj_v(v)
+        if self.has_cls:  # joined after the Linear layers (per token, so the same), where the gradients the convs
+            # and BatchNorms get back stay dense instead of slices of the joined tensor's gradient
+            q, k, v = (torch.cat((proj(cls), y), dim=1) for proj, y in
+                       ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v)))
 
         def heads(y: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, heads, T, C / heads)
             return y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-        q, k, v = heads(self.proj_q(q)), heads(self.proj_k(k)), heads(self.proj_v(v))
+        q, k, v = heads(q), heads(k), heads(v)
         x = attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.proj_drop(self.proj(x))
@@ -203,7 +208,7 @@ class Stage(nn.Module):
             x = block(x, h, w)
         cls = None
         if self.cls_token is not None:
-            cls, x = x[:, :1], x[:, 1:]
+            cls, x = x.split((1, x.shape[1] - 1), dim=1)
         return tokens_to_map(x, h, w), cls
 
 
