@@ -114,11 +114,16 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     head = next((v for k, v in sd.items() if k.endswith(("head.weight", "classifier.weight"))), None)
     if head is not None and head.shape[0] != ecfg.data.num_classes:
         raise UserError(f"ckpt: {cfg.ckpt} classifies {head.shape[0]} classes but data={ecfg.data.name} has "
-                        f"{ecfg.data.num_classes}; evaluate it on matching data (e.g. data=imagenet for 1000 classes)")
+                        f"{ecfg.data.num_classes}; evaluate it on data with {head.shape[0]} classes (data=cifar10: 10, "
+                        "data=cifar100: 100, data=imagenet: 1000, data=folder data.num_classes=N)")
     if mc.num_classes != ecfg.data.num_classes:
         raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={ecfg.data.num_classes}")
     model = CvT(mc)
-    fmt = load_checkpoint(model, sd)
+    try:
+        fmt = load_checkpoint(model, sd)
+    except UserError as e:  # weights of another architecture: say which option to change
+        raise UserError(f"ckpt: {cfg.ckpt} does not fit model={mc.name}: {e}; pass the model= (and model.* "
+                        "overrides) the weights were made for") from e
     device = resolve_device(cfg.trainer.device)
     model = model.to(device).eval()
     if cfg.eval.split == "test":

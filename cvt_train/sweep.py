@@ -44,12 +44,12 @@ def summarize(sweep_dir: str | Path) -> tuple[str, Path, Path]:
     metrics = [k for k in METRIC_KEYS if any(k in j for j in jobs)]
     header = ["job", *varying, *metrics, "status"]
     rows = [[j["job"], *(j["overrides"].get(k, "") for k in varying),
-             *(_fmt(j.get(k, "")) for k in metrics), j["status"]] for j in jobs]
+             *(j.get(k, "") for k in metrics), j["status"]] for j in jobs]
     md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                    *("| " + " | ".join(map(str, r)) + " |" for r in rows)]) + "\n"
+                    *("| " + " | ".join(str(_fmt(v)) for v in r) + " |" for r in rows)]) + "\n"
     md_path, csv_path = sweep_dir / "summary.md", sweep_dir / "summary.csv"
     md_path.write_text(md)
-    with csv_path.open("w", newline="") as f:
+    with csv_path.open("w", newline="") as f:  # full precision for other tools; the Markdown is rounded to read
         csv.writer(f).writerows([header, *rows])
     return md, md_path, csv_path
 

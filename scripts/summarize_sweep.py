@@ -45,10 +45,11 @@ def main() -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir}: no such sweep dir", file=sys.stderr)
         return 2
-    md, md_path, csv_path = summarize(args.sweep_dir)
-    if not md.count("\n") > 2:
-        print(f"error: {args.sweep_dir}: no job dirs with .hydra/overrides.yaml found", file=sys.stderr)
+    if not collect_jobs(args.sweep_dir):  # checked first, so that no summary lands in a dir that is no sweep
+        print(f"error: {args.sweep_dir}: no job dirs with .hydra/overrides.yaml found; point to a multirun dir",
+              file=sys.stderr)
         return 2
+    md, md_path, csv_path = summarize(args.sweep_dir)
     print(md)
     print(f"wrote {md_path} and {csv_path}")
     png = plot(args.sweep_dir, args.plot_x)

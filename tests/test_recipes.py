@@ -1,0 +1,108 @@
+"""The experiment recipes: the ImageNet ones hold the official CvT hyper-parameters, the CIFAR ones build and run.
+
+Official values: microsoft/CvT experiments/imagenet/cvt/cvt-{13,21}-224x224.yaml and lib/config/default.py
+(TRAIN.LR 0.00025 with BATCH_SIZE_PER_GPU 256, multiplied by the world size since TRAIN.SCALE_LR defaults to true).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from cvt_train.engine.optim import learning_rate
+from cvt_train.engine.trainer import train
+from cvt_train.models import CvT, model_config, stage_map_sizes
+from fakedata import write_cifar10_python
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_module("cvt_train.conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+OFFICIAL_RECIPE = {  # the official training recipe, shared by CvT-13, CvT-21 and W24
+    "optim.name": "adamw", "optim.weight_decay": 0.05, "optim.betas": [0.9, 0.999],
+    "sched.name": "cosine", "sched.warmup_epochs": 5, "sched.warmup_lr": 1e-6, "sched.min_lr": 1e-5,
+    "trainer.epochs": 300,
+    "aug.crop": "random_resized", "aug.crop_scale": [0.08, 1.0], "aug.crop_ratio": [3 / 4, 4 / 3], "aug.hflip": 0.5,
+    "aug.auto_augment": "randaugment", "aug.randaugment_num_ops": 2, "aug.randaugment_magnitude": 9,
+    "aug.randaugment_bins": 11,  # m9 on timm's 0..10 scale
+    "aug.mixup_alpha": 0.8, "aug.cutmix_alpha": 1.0, "aug.mix_prob": 1.0, "aug.mix_switch_prob": 0.5,
+    "aug.random_erasing": 0.25, "aug.label_smoothing": 0.1, "aug.interpolation": "bicubic",
+    "aug.eval_crop_ratio": 0.875,  # TEST.CENTER_CROP: resize 256, crop 224
+    "data.name": "imagenet", "data.num_classes": 1000,
+    "data.mean": [0.485, 0.456, 0.406], "data.std": [0.229, 0.224, 0.225],
+}
+OFFICIAL_SPEC = {  # MODEL.SPEC per stage (paper Table 2)
+    "cvt13": {"dim_embed": [64, 192, 384], "num_heads": [1, 3, 6], "depth": [1, 2, 10],
+              "drop_path_rate": [0.0, 0.0, 0.1]},
+    "cvt21": {"dim_embed": [64, 192, 384], "num_heads": [1, 3, 6], "depth": [1, 4, 16],
+              "drop_path_rate": [0.0, 0.0, 0.1]},
+    "cvtw24": {"dim_embed": [192, 768, 1024], "num_heads": [3, 12, 16], "depth": [2, 2, 20],
+               "drop_path_rate": [0.0, 0.0, 0.3]},
+}
+COMMON_SPEC = {"patch_size": [7, 3, 3], "patch_stride": [4, 2, 2], "patch_padding": [2, 1, 1],
+               "mlp_ratio": [4.0] * 3, "qkv_bias": [True] * 3, "cls_token": [False, False, True],
+               "pos_embed": [False] * 3, "qkv_proj_method": ["dw_bn"] * 3, "kernel_qkv": [3] * 3,
+               "padding_q": [1] * 3, "padding_kv": [1] * 3, "stride_q": [1] * 3, "stride_kv": [2] * 3,
+               "drop_rate": [0.0] * 3, "attn_drop_rate": [0.0] * 3}
+
+
+@pytest.mark.parametrize("experiment,model,size,batch", [
+    ("imagenet_cvt13", "cvt13", 224, 256),
+    ("imagenet_cvt21", "cvt21", 224, 256),
+    ("imagenet_cvtw24_384", "cvtw24", 384, 32),
+])
+def test_imagenet_recipes_hold_the_official_values(experiment, model, size, batch):
+    cfg = compose_train([f"experiment={experiment}"])
+    for key, value in OFFICIAL_RECIPE.items():
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == pytest.approx(value) if not isinstance(value, str) else got == value, key
+    # AdamW 2.5e-4 per 256 images: 2e-3 on the official 8 GPUs x 256, 2.5e-4 on one GPU
+    assert cfg.optim.lr is None and cfg.optim.base_lr == 2.5e-4 and cfg.optim.base_batch_size == 256
+    assert learning_rate(cfg.optim, 8 * 256) == pytest.approx(2e-3)
+    assert learning_rate(cfg.optim, 256) == pytest.approx(2.5e-4)
+    assert cfg.trainer.precision in ("bf16", "fp16")  # AMP
+    assert cfg.data.image_size == size and cfg.data.batch_size == batch
+
+    mc = model_config(cfg.model)
+    assert mc.name == model and mc.act == "quick_gelu" and mc.ln_eps == 1e-5 and mc.num_classes == 1000
+    spec = {**COMMON_SPEC, **OFFICIAL_SPEC[model]}
+    for key, values in spec.items():
+        assert [getattr(s, key) for s in mc.stages] == values, key
+    assert stage_map_sizes(mc, (size, size)) == [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]
+
+
+@pytest.mark.parametrize("experiment", ["cifar10_cvt", "cifar10_cpu"])
+def test_cifar_recipes_build_for_32px_and_run(experiment, tmp_path_factory):
+    cfg = compose_train([f"experiment={experiment}"])
+    assert cfg.data.name == "cifar10" and cfg.data.image_size == 32
+    model = CvT(model_config(cfg.model)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    sizes = stage_map_sizes(model_config(cfg.model), (32, 32))
+    assert sizes[-1][0] >= 4  # the last stage still sees a map, not a single token
+
+    # a few steps of the recipe as it stands (augmentation, mixing, EMA, schedule) on generated CIFAR pickles
+    root = write_cifar10_python(tmp_path_factory.mktemp("cifar"), n_train=64, n_test=16)
+    run_dir = tmp_path_factory.mktemp("run")
+    small = [f"experiment={experiment}", f"data.root={root}", "data.val_split=0", "data.batch_size=8",
+             "data.num_workers=0", "data.train_subset=16", "trainer.epochs=1", "trainer.progress=false",
+             "trainer.max_steps_per_epoch=2"]
+    train(compose_train(small), run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["images"] == 16 and 0.0 <= metrics["top1"] <= 100.0
+
+
+def test_cifar10_cvt_is_a_full_gpu_recipe():
+    cfg = compose_train(["experiment=cifar10_cvt"])
+    assert cfg.trainer.epochs >= 200 and cfg.trainer.ema.enabled
+    assert cfg.aug.auto_augment in ("randaugment", "trivialaugment")
+    assert cfg.aug.mixup_alpha > 0 and cfg.aug.cutmix_alpha > 0 and cfg.aug.random_erasing > 0
+    assert cfg.aug.label_smoothing > 0 and max(s.drop_path_rate for s in cfg.model.stages) > 0
+    assert cfg.optim.name == "adamw" and 128 <= cfg.data.batch_size <= 256
