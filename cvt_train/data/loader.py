@@ -23,6 +23,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -325,7 +328,7 @@ class Data:
     def _loader(self, dataset, **kw) -> DataLoader:
         workers = self.num_workers
         return DataLoader(dataset, num_workers=workers, pin_memory=self._pin, persistent_workers=workers > 0,
-                          generator=torch.Generator(), **kw)
+                          generator=torch.Generator(), worker_init_fn=_worker_signals if workers else None, **kw)
 
     def _make_train_loader(self) -> DataLoader:
         a = self.aug
@@ -409,6 +412,30 @@ class Data:
         return (f"Data({self.description}: {self.num_classes} classes, {self.num_train} train / {self.num_val} val "
                 f"images, {self.steps_per_epoch} steps/epoch of {self.batch_size} on rank {self.rank}/"
                 f"{self.world_size}, {'in memory' if self.in_memory else 'streamed'}, aug={self.aug.name})")
+
+
+def _worker_signals(_worker_id: int) -> None:
+    """In each DataLoader worker: outlive a stop signal sent to the whole process group (SLURM preemption and
+    scancel signal every process of a job; Ctrl-C signals the terminal's process group).
+
+    The main process turns the signal into a clean stop: it finishes the step, writes last.pt, then shuts its
+    workers down. A worker that died of the signal first would make the main process fail ("DataLoader worker
+    killed by signal") wherever it was, before it could checkpoint. So workers ignore SIGINT and SIGUSR1, and
+    SIGTERM unless it comes from their parent (the main process stopping them, which torch also treats as a
+    clean exit).
+    """
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS / Windows (their workers are spawned, not forked)
+        return
+    for s in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait_for_parent() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 def _stop_workers(loader: DataLoader) -> None:

@@ -11,6 +11,7 @@ Layout (all plain tensors / numbers / strings / dicts, loadable with `weights_on
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,21 @@ FORMAT_VERSION = 1
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash leaves the old file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _saves[path.name] = _saves.get(path.name, 0) + 1
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode torch.save would give it
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer reports a full disk (ENOSPC, EFBIG) as a RuntimeError
+                raise OSError(f"write failed: {e}") from e
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"save:{path.name}", _saves[path.name])
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -40,11 +50,31 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.close(dir_fd)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: could not write checkpoint ({e.strerror or e}); free disk space or fix the "
-                        "output dir's permissions; the previous checkpoint is intact") from e
+        raise _write_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, e: OSError) -> UserError:
+    reason = " ".join(str(e.strerror or e).split())  # one line, so the advice after it is not cut off
+    return UserError(f"{path}: could not write checkpoint ({reason}); free disk space or fix the output "
+                     "dir's permissions; the previous checkpoint is intact")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files save_atomic leaves when a process is killed mid-write (each as big as a
+    checkpoint); returns them."""
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
@@ -54,3 +84,20 @@ def load_training_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path}: not a cvt-train checkpoint (no 'model' and 'config' entries); "
                         "for official or HF weights use cvt-eval with model=... or load_checkpoint()")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Test hook: fault injection. tests/test_reliability.py and scripts/fault_drill.py set
+#     CVT_FAULT_INJECT=kill_at=<point>:<n>
+# to make the training process SIGKILL itself at an exact moment:
+#     step:N   right after the N-th optimizer step of the run (global step, counted across resumes)
+#     eval:N   during the evaluation after epoch N (after its first batch)
+#     save:NAME:N   inside the N-th write of NAME (last.pt, best.pt) by this process: the temporary file is written
+#                   and fsynced, not yet renamed over NAME
+# Unset (as always outside those tests) it does nothing.
+_saves: dict[str, int] = {}
+
+
+def fault_point(point: str, n: int) -> None:
+    if os.environ.get("CVT_FAULT_INJECT") == f"kill_at={point}:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -30,7 +31,7 @@ from ..data import build_data
 from ..errors import UserError
 from ..flops import count_macs
 from ..models import CvT, model_config, stage_map_sizes
-from .checkpoint import FORMAT_VERSION, load_training_checkpoint, save_atomic
+from .checkpoint import FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, save_atomic
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler, learning_rate
@@ -73,22 +74,59 @@ def ema_avg_fn(decay: float, warmup: bool):
     return update
 
 
-def check_config(cfg: DictConfig, dist: DistInfo) -> None:
-    """Everything that can be checked before any data is read or any device memory is taken."""
+# The scalar keys the loop reads: (type, smallest value[, may be null]). The YAML configs are untyped, so without
+# this check `trainer.epochs=abc` would end in a TypeError deep inside the loop instead of one line.
+SCALARS = {
+    "trainer.epochs": (int, 1), "trainer.accum_steps": (int, 1), "trainer.max_nonfinite": (int, 1),
+    "trainer.eval_every": (int, 1), "trainer.log_every": (int, 1), "trainer.seed": (int, 0),
+    "trainer.max_steps_per_epoch": (int, 1, True), "trainer.grad_clip": (float, 0, True),
+    "trainer.ema.decay": (float, 0), "data.batch_size": (int, 1), "data.image_size": (int, 1),
+    "data.num_classes": (int, 1), "optim.lr": (float, 0, True), "optim.base_lr": (float, 0),
+    "optim.base_batch_size": (int, 1), "optim.weight_decay": (float, 0), "sched.warmup_epochs": (float, 0),
+    "sched.warmup_lr": (float, 0), "sched.min_lr": (float, 0),
+    **{f"trainer.{k}": (bool, None) for k in ("channels_last", "compile", "sync_bn", "deterministic", "progress",
+                                             "ema.enabled", "ema.warmup")},
+}
+
+
+def _check_scalar(cfg: DictConfig, key: str, kind: type, minimum, nullable: bool = False) -> None:
+    what = {bool: "true or false", int: f"an integer >= {minimum}", float: f"a number >= {minimum}"}[kind]
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException as e:  # `???` in the config: a value the user must give
+        raise UserError(f"{key} is not set; set {key}=<{what}>") from e
+    if value is None and nullable:
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        ok = ok and value >= minimum
+    if not ok:
+        raise UserError(f"{key}={value!r}: expected {what}{' or null' if nullable else ''}")
+
+
+def check_config(cfg: DictConfig, dist: DistInfo | None = None) -> None:
+    """Everything that can be checked before any data is read or any device memory is taken (train() calls it
+    before joining the process group)."""
+    for key, spec in SCALARS.items():
+        _check_scalar(cfg, key, *spec)
     valid_precisions = ("auto", "bf16", "fp16", "fp32")
     if cfg.trainer.precision not in valid_precisions:
         raise UserError(f"trainer.precision: {cfg.trainer.precision!r} is not one of {list(valid_precisions)}")
+    if cfg.trainer.device != "auto":
+        try:
+            torch.device(cfg.trainer.device)
+        except (RuntimeError, TypeError) as e:
+            raise UserError(f"trainer.device={cfg.trainer.device!r}: not a device; use auto, cpu, cuda or "
+                            "cuda:N") from e
     mc = model_config(cfg.model)
     if mc.num_classes != cfg.data.num_classes:
         raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={cfg.data.num_classes} "
                         f"of data={cfg.data.name}; drop the model.num_classes override")
     stage_map_sizes(mc, (cfg.data.image_size, cfg.data.image_size))
-    if cfg.data.batch_size < 1:
-        raise UserError(f"data.batch_size: must be >= 1, got {cfg.data.batch_size}")
-    if cfg.trainer.accum_steps < 1 or cfg.trainer.epochs < 1:
-        raise UserError("trainer.accum_steps and trainer.epochs must be >= 1")
     resume = cfg.trainer.resume
-    if resume not in (None, "auto") and not Path(resume).is_file():
+    if resume not in (None, "auto") and not Path(str(resume)).is_file():
         raise UserError(f"trainer.resume: {resume} does not exist; give a checkpoint path or trainer.resume=auto")
 
 
@@ -138,8 +176,8 @@ def restore_rng(states: dict) -> None:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
     """Train as `cfg` says, writing into `run_dir`; returns the best validation top-1 (percent)."""
+    check_config(cfg)
     dist = init_distributed(cfg.trainer.device)
-    check_config(cfg, dist)
     run_dir = Path(broadcast_object(str(run_dir)))
     tcfg = cfg.trainer
     if tcfg.deterministic:
@@ -153,8 +191,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         if resume_path is None and dist.is_main:
             log.info("trainer.resume=auto: no %s yet, starting fresh", run_dir / "last.pt")
     elif tcfg.resume:
-        resume_path = Path(tcfg.resume)
+        resume_path = Path(str(tcfg.resume))
     ckpt = load_training_checkpoint(resume_path) if resume_path else None
+    if dist.is_main:
+        for tmp in remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by a process killed while writing a checkpoint", tmp)
 
     data = build_data(cfg, rank=dist.rank, world_size=dist.world_size, device=dist.device)
     if data.num_classes != cfg.data.num_classes:
@@ -170,7 +211,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     steps_per_epoch = data.steps_per_epoch
     if tcfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(tcfg.max_steps_per_epoch))
-    optim_steps_per_epoch = max(1, steps_per_epoch // tcfg.accum_steps)
+    # only whole accumulation windows: a partial one at the end of an epoch would leak its gradients into the next
+    # epoch (and a run restarted from that epoch boundary would not have them)
+    optim_steps_per_epoch = steps_per_epoch // tcfg.accum_steps
+    if optim_steps_per_epoch == 0:
+        raise UserError(f"trainer.accum_steps={tcfg.accum_steps}: more than the {steps_per_epoch} batches of an epoch; "
+                        "lower trainer.accum_steps or data.batch_size")
+    steps_per_epoch = optim_steps_per_epoch * tcfg.accum_steps
     global_batch = cfg.data.batch_size * dist.world_size * tcfg.accum_steps
     lr = learning_rate(cfg.optim, global_batch)
     optimizer = build_optimizer(model, cfg.optim, lr)
@@ -182,18 +229,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
 
     start_epoch, start_step, best_top1, metrics, global_step = 0, 0, 0.0, {}, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema_state") is not None:
-            ema.load_state_dict(ckpt["ema_state"])
-        restore_rng(ckpt["rng"])
-        start_epoch, start_step = ckpt["epoch"], ckpt.get("step", 0)
-        best_top1, metrics, global_step = ckpt.get("best_top1", 0.0), ckpt.get("metrics", {}), ckpt["global_step"]
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            if ema is not None and ckpt.get("ema_state") is not None:
+                ema.load_state_dict(ckpt["ema_state"])
+            restore_rng(ckpt["rng"])
+            start_epoch, start_step = ckpt["epoch"], ckpt.get("step", 0)
+            best_top1, metrics, global_step = ckpt.get("best_top1", 0.0), ckpt.get("metrics", {}), ckpt["global_step"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:  # resumed with other overrides than it was made
+            raise resume_mismatch(resume_path, ckpt, cfg, e) from e
         if dist.is_main:
-            log.info("resumed from %s at epoch %d step %d", resume_path, start_epoch, start_step)
+            log.info("resumed from %s at epoch %d step %d", resume_path, start_epoch + 1, start_step)
 
     train_model = model
     if dist.enabled:
@@ -217,7 +267,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                 "gmacs": count_macs(model, (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)) / 1e9}
     wall_start = time.perf_counter() - (metrics.get("wall_time_s", 0.0) if metrics else 0.0)
 
+    def last_good() -> str:
+        path = run_dir / "last.pt"
+        return f"the last good checkpoint, {path}, is intact" if path.is_file() else "no checkpoint was written"
+
+    def ensure_finite(epoch: int, step: int) -> None:
+        """Never evaluate or save weights that went NaN/inf (BatchNorm statistics can, even when every step with a
+        non-finite loss was skipped)."""
+        for prefix, module in (("", model), ("ema.", ema.module if ema is not None else None)):
+            for name, t in (module.state_dict().items() if module is not None else ()):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise UserError(f"training diverged: {prefix}{name} holds NaN/inf at epoch {epoch + 1} step "
+                                    f"{step}; {last_good()}; lower optim.lr, set trainer.grad_clip, or use "
+                                    "trainer.precision=bf16/fp32")
+
     def save(name: str, epoch: int, step: int) -> None:
+        ensure_finite(epoch, step)
         if not dist.is_main:
             return
         save_atomic({
@@ -257,8 +322,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                     if nonfinite >= tcfg.max_nonfinite:
                         raise UserError(
                             f"training diverged: non-finite loss for {nonfinite} consecutive steps (epoch {epoch + 1}, "
-                            f"step {step}); the last good checkpoint in {run_dir} is intact; lower optim.lr, set "
-                            "trainer.grad_clip, or use trainer.precision=bf16/fp32")
+                            f"step {step + 1}); {last_good()}; lower optim.lr, set trainer.grad_clip, or use "
+                            "trainer.precision=bf16/fp32")
                 else:
                     nonfinite = 0
                 if not boundary:
@@ -274,6 +339,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 global_step += 1
+                fault_point("step", global_step)  # test hook (fault injection), see checkpoint.py
                 seen += images.shape[0]
                 loss_sum += loss_value if math.isfinite(loss_value) else 0.0
                 ips = seen * dist.world_size / (time.perf_counter() - t0)
@@ -295,7 +361,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             epoch_time = time.perf_counter() - t0
             last_epoch = epoch + 1 == tcfg.epochs
             if (epoch + 1) % tcfg.eval_every == 0 or last_epoch:
-                metrics = run_evaluation(model, ema, data, dist, amp_dtype, tcfg.progress)
+                ensure_finite(epoch, steps_per_epoch)
+                metrics = run_evaluation(model, ema, data, dist, amp_dtype, tcfg.progress, epoch + 1)
                 metrics.update(epoch=epoch + 1, **run_info, wall_time_s=time.perf_counter() - wall_start,
                                images_per_s=seen * dist.world_size / max(epoch_time, 1e-9))
                 improved = metrics["top1"] > best_top1
@@ -312,9 +379,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                             writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
                     writer.add_scalar("train/epoch_time_s", epoch_time, epoch + 1)
                     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-                save("last.pt", epoch + 1, 0)
-                if improved:
+                if improved:  # best.pt first: a kill before last.pt is written redoes the epoch and best.pt with it
                     save("best.pt", epoch + 1, 0)
+                save("last.pt", epoch + 1, 0)
             else:
                 save("last.pt", epoch + 1, 0)
     if dist.enabled:
@@ -326,6 +393,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                            run_name=".")
         writer.close()
     return best_top1
+
+
+def resume_mismatch(path: Path, ckpt: dict, cfg: DictConfig, error: Exception) -> UserError:
+    """One line for a checkpoint that does not fit the run resuming it, naming the config keys that differ."""
+    stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    now = OmegaConf.to_container(cfg, resolve=True)
+    groups = ("model", "optim", "sched", "trainer")
+    old, new = (_flat({g: c.get(g) or {} for g in groups}) for c in (stored, now))
+    changed = [f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in ("trainer.resume", "trainer.progress")]
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:120]
+    made_with = f"it was made with {', '.join(changed[:4])}" if changed else "it was made with another configuration"
+    return UserError(f"{path}: does not fit this run ({reason}); {made_with}; resume with the overrides it was "
+                     "trained with")
 
 
 def check_ranks_agree(model: nn.Module, dist: DistInfo) -> None:
@@ -343,15 +424,24 @@ def check_ranks_agree(model: nn.Module, dist: DistInfo) -> None:
             raise RuntimeError(f"ranks hold different weights after training: checksums {sums}")
 
 
-def run_evaluation(model, ema, data, dist: DistInfo, amp_dtype, progress: bool) -> dict:
+def run_evaluation(model, ema, data, dist: DistInfo, amp_dtype, progress: bool, epoch: int = 0) -> dict:
     bar = tqdm(total=data.num_val, desc="eval", disable=not (dist.is_main and progress), leave=False,
                dynamic_ncols=True)
-    metrics = evaluate(model, data.val_batches(), dist.device, autocast(dist.device, amp_dtype), bar)
+    metrics = evaluate(model, _eval_fault_point(data.val_batches(), epoch), dist.device,
+                       autocast(dist.device, amp_dtype), bar)
     if ema is not None:
         ema_metrics = evaluate(ema.module, data.val_batches(), dist.device, autocast(dist.device, amp_dtype))
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
     bar.close()
     return metrics
+
+
+def _eval_fault_point(batches, epoch: int):
+    """Test hook (fault injection, see checkpoint.py): `eval:N` fires after the first batch of epoch N's evaluation."""
+    for i, batch in enumerate(batches):
+        yield batch
+        if i == 0:
+            fault_point("eval", epoch)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -80,14 +80,42 @@ def read_file(path: str | Path) -> Any:
             return load_file(str(path))
         except Exception as e:
             raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save writes a zip, or (legacy) a binary pickle
+        kind = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), "not a checkpoint")
+        raise UserError(f"{path}: not a PyTorch checkpoint ({kind}); point to a .pt / .pth / .safetensors file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to the error below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met something that is not a tensor or plain data
         raise UserError(
-            f"{path}: refused: the file holds objects that are not plain tensors and data, and loading it would "
-            "run code; only load it in a sandbox and re-save its state_dict if you trust its origin") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__}: {e})") from e
+            f"{path}: refused: the file holds objects that are not plain tensors and data ({_short(_detail(e))}), and "
+            "loading it could run code; only load it in a sandbox and re-save its state_dict if you trust its "
+            "origin") from e
+    except Exception as e:  # a cut-off zip or a damaged pickle fails in many ways (RuntimeError, EOFError, KeyError...)
+        raise _corrupt(path, e) from e
+
+
+_OTHER_FORMATS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8", "a JPEG image"), (b"GIF8", "a GIF image"),
+                  (b"{", "text, JSON?"), (b"\x1f\x8b", "a gzip file"))
+
+
+def _detail(e: Exception) -> str:
+    """The specific part of torch's long weights_only message: the global it met, or the opcode it rejects."""
+    found = re.search(r"GLOBAL [\w.]+|Unsupported operand \d+", str(e))
+    return found.group(0) if found else "not loadable with weights_only=True"
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _corrupt(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({_short(f'{type(e).__name__}: {e}')}); "
+                     "copy it again or use another checkpoint")
 
 
 def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:

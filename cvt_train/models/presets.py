@@ -99,7 +99,7 @@ def model_config(cfg: Any, **overrides: Any) -> ModelConfig:
         except (OmegaConfBaseException, TypeError, IndexError) as e:  # e.g. stages.5.depth on a 3-stage model
             raise UserError(f"model.{key}: cannot set this key ({' '.join(str(e).split())}); "
                             f"the model has {len(data.get('stages') or [])} stages, indexed from 0") from e
-    data = OmegaConf.to_container(data, resolve=True)
+    data = OmegaConf.to_container(data, resolve=False)  # resolved above: a `${` left in a value is text
     _check_keys(ModelConfig, data, "model")
     stages = data.get("stages") or []
     if not isinstance(stages, list) or not stages:
