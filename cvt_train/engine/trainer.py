@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -30,7 +28,8 @@ from tqdm import tqdm
 from ..data import build_data
 from ..errors import UserError
 from ..flops import count_macs
-from ..models import CvT, model_config, stage_map_sizes
+from ..models import CvT, model_config
+from .checks import check_config, flatten, resume_mismatch
 from .checkpoint import FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, save_atomic
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from .evaluate import evaluate
@@ -72,62 +71,6 @@ def ema_avg_fn(decay: float, warmup: bool):
                 e.copy_(p)
 
     return update
-
-
-# The scalar keys the loop reads: (type, smallest value[, may be null]). The YAML configs are untyped, so without
-# this check `trainer.epochs=abc` would end in a TypeError deep inside the loop instead of one line.
-SCALARS = {
-    "trainer.epochs": (int, 1), "trainer.accum_steps": (int, 1), "trainer.max_nonfinite": (int, 1),
-    "trainer.eval_every": (int, 1), "trainer.log_every": (int, 1), "trainer.seed": (int, 0),
-    "trainer.max_steps_per_epoch": (int, 1, True), "trainer.grad_clip": (float, 0, True),
-    "trainer.ema.decay": (float, 0), "data.batch_size": (int, 1), "data.image_size": (int, 1),
-    "data.num_classes": (int, 1), "optim.lr": (float, 0, True), "optim.base_lr": (float, 0),
-    "optim.base_batch_size": (int, 1), "optim.weight_decay": (float, 0), "sched.warmup_epochs": (float, 0),
-    "sched.warmup_lr": (float, 0), "sched.min_lr": (float, 0),
-    **{f"trainer.{k}": (bool, None) for k in ("channels_last", "compile", "sync_bn", "deterministic", "progress",
-                                             "ema.enabled", "ema.warmup")},
-}
-
-
-def _check_scalar(cfg: DictConfig, key: str, kind: type, minimum, nullable: bool = False) -> None:
-    what = {bool: "true or false", int: f"an integer >= {minimum}", float: f"a number >= {minimum}"}[kind]
-    try:
-        value = OmegaConf.select(cfg, key, throw_on_missing=True)
-    except OmegaConfBaseException as e:  # `???` in the config: a value the user must give
-        raise UserError(f"{key} is not set; set {key}=<{what}>") from e
-    if value is None and nullable:
-        return
-    if kind is bool:
-        ok = isinstance(value, bool)
-    else:
-        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-        ok = ok and value >= minimum
-    if not ok:
-        raise UserError(f"{key}={value!r}: expected {what}{' or null' if nullable else ''}")
-
-
-def check_config(cfg: DictConfig, dist: DistInfo | None = None) -> None:
-    """Everything that can be checked before any data is read or any device memory is taken (train() calls it
-    before joining the process group)."""
-    for key, spec in SCALARS.items():
-        _check_scalar(cfg, key, *spec)
-    valid_precisions = ("auto", "bf16", "fp16", "fp32")
-    if cfg.trainer.precision not in valid_precisions:
-        raise UserError(f"trainer.precision: {cfg.trainer.precision!r} is not one of {list(valid_precisions)}")
-    if cfg.trainer.device != "auto":
-        try:
-            torch.device(cfg.trainer.device)
-        except (RuntimeError, TypeError) as e:
-            raise UserError(f"trainer.device={cfg.trainer.device!r}: not a device; use auto, cpu, cuda or "
-                            "cuda:N") from e
-    mc = model_config(cfg.model)
-    if mc.num_classes != cfg.data.num_classes:
-        raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={cfg.data.num_classes} "
-                        f"of data={cfg.data.name}; drop the model.num_classes override")
-    stage_map_sizes(mc, (cfg.data.image_size, cfg.data.image_size))
-    resume = cfg.trainer.resume
-    if resume not in (None, "auto") and not Path(str(resume)).is_file():
-        raise UserError(f"trainer.resume: {resume} does not exist; give a checkpoint path or trainer.resume=auto")
 
 
 class StopRequest:
@@ -297,13 +240,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
     nonfinite = 0
-    with StopRequest() as stop:
+    profiler = make_profiler(run_dir) if tcfg.profile and dist.is_main else None
+    with StopRequest() as stop, profiler or contextlib.nullcontext():
         for epoch in range(start_epoch, tcfg.epochs):
             train_model.train()
             first = start_step if epoch == start_epoch else 0
             t0, seen, loss_sum = time.perf_counter(), 0, 0.0
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
-                       disable=not (dist.is_main and tcfg.progress), dynamic_ncols=True, leave=False)
+                       disable=not (dist.is_main and tcfg.progress), dynamic_ncols=True, leave=False, mininterval=1.0)
             batches = data.train_batches(epoch, start_step=first)
             for step, (images, targets) in enumerate(batches, start=first):
                 if step >= steps_per_epoch:
@@ -340,6 +284,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                 scheduler.step()
                 global_step += 1
                 fault_point("step", global_step)  # test hook (fault injection), see checkpoint.py
+                if profiler is not None:
+                    profiler.step()
                 seen += images.shape[0]
                 loss_sum += loss_value if math.isfinite(loss_value) else 0.0
                 ips = seen * dist.world_size / (time.perf_counter() - t0)
@@ -384,29 +330,30 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                 save("last.pt", epoch + 1, 0)
             else:
                 save("last.pt", epoch + 1, 0)
+    if profiler is not None:
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        (run_dir / "profile.txt").write_text(table)
+        log.info("profile of the first training steps: %s (trace for TensorBoard in %s)", run_dir / "profile.txt",
+                 run_dir / "profile")
     if dist.enabled:
         check_ranks_agree(model, dist)
     if writer is not None:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                   for k, v in _flat(config_dict).items() if not k.startswith("hydra")}
+                   for k, v in flatten(config_dict).items() if not k.startswith("hydra")}
         writer.add_hparams(hparams, {"hparam/top1": metrics.get("top1", 0.0), "hparam/best_top1": best_top1},
                            run_name=".")
         writer.close()
     return best_top1
 
 
-def resume_mismatch(path: Path, ckpt: dict, cfg: DictConfig, error: Exception) -> UserError:
-    """One line for a checkpoint that does not fit the run resuming it, naming the config keys that differ."""
-    stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    now = OmegaConf.to_container(cfg, resolve=True)
-    groups = ("model", "optim", "sched", "trainer")
-    old, new = (_flat({g: c.get(g) or {} for g in groups}) for c in (stored, now))
-    changed = [f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in ("trainer.resume", "trainer.progress")]
-    reason = " ".join(f"{type(error).__name__}: {error}".split())[:120]
-    made_with = f"it was made with {', '.join(changed[:4])}" if changed else "it was made with another configuration"
-    return UserError(f"{path}: does not fit this run ({reason}); {made_with}; resume with the overrides it was "
-                     "trained with")
+def make_profiler(run_dir: Path) -> torch.profiler.profile:
+    """torch.profiler over training steps 2-7 (after a warm-up), trace written for TensorBoard's profiler view."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(
+        activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=5, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(run_dir / "profile")))
 
 
 def check_ranks_agree(model: nn.Module, dist: DistInfo) -> None:
@@ -442,17 +389,3 @@ def _eval_fault_point(batches, epoch: int):
         yield batch
         if i == 0:
             fault_point("eval", epoch)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, list) and v and isinstance(v[0], dict):
-            for i, item in enumerate(v):
-                out.update(_flat(item, f"{key}.{i}."))
-        else:
-            out[key] = v
-    return out
