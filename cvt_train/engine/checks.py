@@ -73,7 +73,7 @@ def resume_mismatch(path: Path, ckpt: dict, cfg: DictConfig, error: Exception) -
     stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     now = OmegaConf.to_container(cfg, resolve=True)
     groups = ("model", "optim", "sched", "trainer")
-    old, new = (_flat({g: c.get(g) or {} for g in groups}) for c in (stored, now))
+    old, new = (flatten({g: c.get(g) or {} for g in groups}) for c in (stored, now))
     changed = [f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and k not in ("trainer.resume", "trainer.progress")]
     reason = " ".join(f"{type(error).__name__}: {error}".split())[:120]
