@@ -83,14 +83,30 @@ def run_projection(proj: nn.Module, m: torch.Tensor) -> torch.Tensor:
     return proj(m)
 
 
+def projection_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> tuple[torch.dtype, bool]:
+    """The dtype the conv projections run in, and whether autocast must be off for it.
+
+    When training on CPU: the parameters' dtype (fp32) even under autocast, as oneDNN's bf16 backward of a strided
+    depthwise conv is ~20x slower than its fp32 one (its forward is fine) and these memory-bound ops gain little
+    from bf16 anyway. Otherwise autocast's dtype when it is on. The Linear layers after them are autocast as usual.
+    """
+    device = x.device.type
+    if device == "cpu" and torch.is_grad_enabled():
+        return param_dtype, True
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device), False
+    return x.dtype, False
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, drop: float) -> torch.Tensor:
     """softmax(q k^T * scale) v over (B, heads, T, C / heads) tensors.
 
-    SDPA's fused kernel never materialises the T x T' scores, which wins for the long sequences of the first
-    stages. On CPU its backward is slow for short ones, though: for the 197 x 50 of CvT-13's last stage, three plain
-    ops (a matmul, a softmax, a matmul) train 4x faster, so those take the plain path.
+    SDPA's fused kernel never materialises the T x T' scores. On CPU its forward is the fastest way for every
+    stage, but its backward is slow for all but long sequences: when gradients are needed and the score matrix is
+    small (CvT's stages 1 and 2 at 224: 784 x 196 and 197 x 50), a matmul, a softmax and a matmul train 1.4x and
+    4x faster. Stage 0 (3136 x 784) stays with SDPA either way.
     """
-    if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= 2**14:
+    if q.device.type == "cpu" and q.requires_grad and q.shape[-2] * k.shape[-2] <= 2**18:
         attn = (q @ (k * scale).transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T')
         if drop > 0.0:
             attn = F.dropout(attn, drop)
@@ -121,13 +137,11 @@ class Attention(nn.Module):
         b, t, c = x.shape
         if self.has_cls:  # the cls token bypasses the convolutions (split, unlike slicing, has a one-copy backward)
             cls, x = x.split((1, t - 1), dim=1)
-        # On CPU the depthwise convs and their BatchNorm run in the parameters' dtype (fp32) even under autocast:
-        # oneDNN's bf16 backward of a strided depthwise conv is ~20x slower than its fp32 one, and these
-        # memory-bound ops gain little from bf16 anyway. The Linear layers below are autocast as usual.
-        cpu = x.device.type == "cpu"
-        with torch.autocast("cpu", enabled=False) if cpu else nullcontext():
-            dtype = self.proj_q.weight.dtype if cpu else x.dtype
+        dtype, autocast_off = projection_dtype(x, self.proj_q.weight.dtype)
+        with torch.autocast(x.device.type, enabled=False) if autocast_off else nullcontext():
+            # cast once (autocast would cast once per conv) and made dense channels-last: one copy at most
             m = tokens_to_map(x, h, w).to(dtype, memory_format=torch.channels_last)  # (B, C, H, W)
+            m = m.contiguous(memory_format=torch.channels_last)
             q = map_to_tokens(run_projection(self.conv_proj_q, m))  # (B, N, C)
             k = map_to_tokens(run_projection(self.conv_proj_k, m))  # (B, N / stride_kv^2, C)
             v = map_to_tokens(run_projection(self.conv_proj_v, m))
