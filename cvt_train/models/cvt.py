@@ -6,12 +6,17 @@ state dict loads after renaming only `stageN.` to `stages.N.` (see convert.py).
 Shapes: B batch, C channels of a stage, H x W its feature map, N = H*W tokens, T = N (+1 with a cls token).
 Tokens are (B, T, C); maps are (B, C, H, W). Going from tokens to a map is a view with channels-last strides,
 which depthwise convolutions and LayerNorm both take without a copy.
+
+Speed (docs/performance.md has the measurements): the state dict and the fp32 outputs are those of the plain
+formulation, but a few choices are made for speed where they are free: channels-last maps throughout, k and v
+depthwise convs in fp32 when training on CPU, the plain softmax attention where SDPA's CPU backward is slow, the
+cls token joined after the q/k/v Linear layers, BatchNorm folded into the conv in eval mode, and QuickGELU as one
+SiLU with its scalings folded into the MLP weights.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -83,19 +88,12 @@ def run_projection(proj: nn.Module, m: torch.Tensor) -> torch.Tensor:
     return proj(m)
 
 
-def projection_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> tuple[torch.dtype, bool]:
-    """The dtype the conv projections run in, and whether autocast must be off for it.
-
-    When training on CPU: the parameters' dtype (fp32) even under autocast, as oneDNN's bf16 backward of a strided
-    depthwise conv is ~20x slower than its fp32 one (its forward is fine) and these memory-bound ops gain little
-    from bf16 anyway. Otherwise autocast's dtype when it is on. The Linear layers after them are autocast as usual.
-    """
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes convs and matmuls in at this point (x's own dtype when autocast is off)."""
     device = x.device.type
-    if device == "cpu" and torch.is_grad_enabled():
-        return param_dtype, True
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device), False
-    return x.dtype, False
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, drop: float) -> torch.Tensor:
@@ -137,14 +135,21 @@ class Attention(nn.Module):
         b, t, c = x.shape
         if self.has_cls:  # the cls token bypasses the convolutions (split, unlike slicing, has a one-copy backward)
             cls, x = x.split((1, t - 1), dim=1)
-        dtype, autocast_off = projection_dtype(x, self.proj_q.weight.dtype)
-        with torch.autocast(x.device.type, enabled=False) if autocast_off else nullcontext():
-            # cast once (autocast would cast once per conv) and made dense channels-last: one copy at most
-            m = tokens_to_map(x, h, w).to(dtype, memory_format=torch.channels_last)  # (B, C, H, W)
-            m = m.contiguous(memory_format=torch.channels_last)
-            q = map_to_tokens(run_projection(self.conv_proj_q, m))  # (B, N, C)
-            k = map_to_tokens(run_projection(self.conv_proj_k, m))  # (B, N / stride_kv^2, C)
-            v = map_to_tokens(run_projection(self.conv_proj_v, m))
+        # Each map is cast once (autocast would cast once per conv) and made dense channels-last: one copy at most.
+        m = tokens_to_map(x, h, w)  # (B, C, H, W)
+        mq = m.to(autocast_dtype(x), memory_format=torch.channels_last).contiguous(memory_format=torch.channels_last)
+        q = map_to_tokens(run_projection(self.conv_proj_q, mq))  # (B, N, C)
+        # oneDNN's bf16 backward of a strided depthwise conv is ~20x slower than its fp32 one (forward and stride 1
+        # are fine), so when training on CPU under autocast the k and v projections run in the parameters' dtype.
+        if x.device.type == "cpu" and torch.is_grad_enabled() and mq.dtype != self.proj_k.weight.dtype:
+            with torch.autocast("cpu", enabled=False):
+                mkv = m.to(self.proj_k.weight.dtype, memory_format=torch.channels_last)
+                mkv = mkv.contiguous(memory_format=torch.channels_last)
+                k = map_to_tokens(run_projection(self.conv_proj_k, mkv))  # (B, N / stride_kv^2, C)
+                v = map_to_tokens(run_projection(self.conv_proj_v, mkv))
+        else:
+            k = map_to_tokens(run_projection(self.conv_proj_k, mq))  # (B, N / stride_kv^2, C)
+            v = map_to_tokens(run_projection(self.conv_proj_v, mq))
         q, k, v = self.proj_q(q), self.proj_k(k), self.proj_v(v)
         if self.has_cls:  # joined after the Linear layers (per token, so the same), where the gradients the convs
             # and BatchNorms get back stay dense instead of slices of the joined tensor's gradient
