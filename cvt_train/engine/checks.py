@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import UserError
 from ..models import model_config, stage_map_sizes
+from .distributed import resolve_device
 
 
 # The scalar keys the loop reads: (type, smallest value[, may be null]). The YAML configs are untyped, so without
@@ -52,12 +52,7 @@ def check_config(cfg: DictConfig) -> None:
     valid_precisions = ("auto", "bf16", "fp16", "fp32")
     if cfg.trainer.precision not in valid_precisions:
         raise UserError(f"trainer.precision: {cfg.trainer.precision!r} is not one of {list(valid_precisions)}")
-    if cfg.trainer.device != "auto":
-        try:
-            torch.device(cfg.trainer.device)
-        except (RuntimeError, TypeError) as e:
-            raise UserError(f"trainer.device={cfg.trainer.device!r}: not a device; use auto, cpu, cuda or "
-                            "cuda:N") from e
+    resolve_device(cfg.trainer.device)  # a device name only; nothing is allocated
     mc = model_config(cfg.model)
     if mc.num_classes != cfg.data.num_classes:
         raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={cfg.data.num_classes} "

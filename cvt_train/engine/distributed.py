@@ -27,14 +27,18 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "trainer.device") -> torch.device:
+    """`auto`, `cpu`, `cuda` (this rank's GPU) or `cuda:N` as a device; one line naming `key` when it is not one."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"{key}={name!r}: not a device; use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device: CUDA was asked for but is not available; use trainer.device=cpu")
+        raise UserError(f"{key}: CUDA was asked for but is not available; use {key}=cpu")
     return device
 
 
