@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
 
 aten = torch.ops.aten
 
@@ -30,9 +30,33 @@ for _op, _formula in ((getattr(aten, "_scaled_dot_product_flash_attention_for_cp
             pass
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """torch's formula, but with the weight gradient of a grouped conv divided by `groups`.
+
+    torch counts the weight gradient as a conv of the input (channels as batch) with grad_out, which treats every
+    input channel as seeing every output channel: `groups` times too much, i.e. C x for CvT's depthwise convs.
+    """
+    def swap01(shape):
+        return [shape[1], shape[0], *shape[2:]]
+
+    flops = 0
+    if output_mask[0]:  # input gradient: a transposed conv of grad_out with the weight
+        flops += conv_flop_count(grad_out_shape, w_shape, x_shape, not transposed)
+    if output_mask[1]:  # weight gradient: a conv of the input with grad_out (the other way round if transposed)
+        a, b = (grad_out_shape, x_shape) if transposed else (x_shape, grad_out_shape)
+        flops += conv_flop_count(swap01(a), swap01(b), swap01(w_shape)) // groups
+    return flops
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent FlopCounterMode with the grouped-conv backward corrected."""
+    return FlopCounterMode(display=False, custom_mapping={aten.convolution_backward: _conv_backward_flops})
+
+
 def count_flops(model: nn.Module, inputs: torch.Tensor, backward: bool = False) -> int:
     """FLOPs (2 per multiply-add) of one forward (and backward) on `inputs`, attention included."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         out = model(inputs)
         if backward:
             out.float().sum().backward()
@@ -53,7 +77,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             torch.func.functional_call(model, tensors, (x,))
         return counter.get_total_flops() // 2
     finally:

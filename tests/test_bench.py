@@ -49,8 +49,6 @@ def test_bench_json_against_hf(sweep, job, mode):
     assert "ours / hf" in proc.stdout and "images/s" in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="torch's FlopCounterMode counts a grouped conv's weight gradient as if "
-                   "groups were 1 (C x too much for depthwise convs); count_flops needs a corrected formula")
 def test_train_step_flops_are_about_three_forwards(sweep):
     res = json.loads((sweep[1] / "0" / "bench.json").read_text())
     assert res["mode"] == "train"

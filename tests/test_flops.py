@@ -73,3 +73,22 @@ def test_fused_cpu_attention_kernel_counted():
             out.sum().backward()
         assert fwd == forward
         assert counter.get_total_flops() == 3 * forward  # backward: two matmuls per forward matmul
+
+
+# Forward of a conv: B * H' * W' * C_out * (C_in / groups) * k * k multiply-adds. Its backward computes the input
+# gradient and the weight gradient, each exactly as many again, whatever `groups` is (torch's own formula counts
+# the weight gradient `groups` times too much, i.e. C x for a depthwise conv).
+@pytest.mark.parametrize("groups", [1, 4, 16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_conv_backward_is_two_forwards(groups, transposed):
+    conv_cls = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+    conv = conv_cls(16, 32, 3, stride=2, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 16, 9, 9, requires_grad=True)
+    out_h = conv(x).shape[-1]
+    # each output position of a conv (input position of a transposed conv) costs 16 * 32 / groups * 3 * 3 MACs
+    positions = 2 * (9 if transposed else out_h) ** 2
+    forward_macs = positions * 16 * 32 // groups * 9
+    assert count_flops(conv, x) == 2 * forward_macs
+    assert count_flops(conv, x, backward=True) == 3 * 2 * forward_macs
+    x.requires_grad_(False)  # no input gradient: forward + weight gradient only
+    assert count_flops(conv, x, backward=True) == 2 * 2 * forward_macs
