@@ -29,7 +29,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from . import create_model
@@ -38,9 +38,9 @@ from .errors import UserError
 from .flops import count_flops, count_macs
 from .models import ModelConfig, model_config, num_params
 from .engine.distributed import resolve_device
+from .engine.precision import autocast_dtype, check_precision, precision_name
 from .models.convert import to_format
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 MODES = ("train", "infer")
 
 
@@ -133,7 +133,7 @@ class Runner:
 
     def __post_init__(self):
         b = self.cfg.bench
-        self.amp_dtype = PRECISIONS[self.cfg.trainer.precision]
+        self.amp_dtype = autocast_dtype(self.cfg.trainer.precision, self.device)
         self.fn = torch.compile(self.model) if b.compile else self.model
         self.sync = synchronizer(self.device)
         if b.mode == "train":
@@ -178,7 +178,7 @@ class Runner:
             try:
                 self.step()
             except RuntimeError as e:
-                if self.cfg.trainer.precision == "fp16" and self.device.type == "cpu":
+                if self.amp_dtype == torch.float16 and self.device.type == "cpu":
                     raise UserError(f"trainer.precision=fp16: autocast on CPU failed in {self.name} "
                                     f"({str(e).splitlines()[0]}); CPU lacks fp16 kernels for some ops, "
                                     "use trainer.precision=bf16") from e
@@ -245,8 +245,7 @@ def check(cfg: DictConfig) -> None:
     b = cfg.bench
     if b.mode not in MODES:
         raise UserError(f"bench.mode: unknown mode {b.mode!r}; choose train or infer")
-    if cfg.trainer.precision not in PRECISIONS:
-        raise UserError(f"trainer.precision: unknown precision {cfg.trainer.precision!r}; choose bf16, fp16 or fp32")
+    check_precision(cfg.trainer.precision)
     if b.compare not in (None, "hf"):
         raise UserError(f"bench.compare: unknown reference {b.compare!r}; use hf or null")
     for key, low in (("batch_size", 1), ("resolution", 1), ("steps", 1), ("warmup", 0), ("threads", 1), ("peak_size", 1)):
@@ -266,14 +265,14 @@ def load_average() -> list[float] | None:
 
 def run(cfg: DictConfig) -> dict:
     check(cfg)
-    b, precision = cfg.bench, cfg.trainer.precision
+    b = cfg.bench
     device = resolve_device(str(cfg.device), key="device")
     if b.threads is not None:
         torch.set_num_threads(b.threads)
     load_before = load_average()
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"trainer.precision=bf16: {device_name(device)} has no bf16; use fp16 or fp32")
-    if precision == "fp16" and device.type == "cpu":
+    amp_dtype = autocast_dtype(cfg.trainer.precision, device)
+    precision = precision_name(amp_dtype)  # "auto" resolved
+    if amp_dtype == torch.float16 and device.type == "cpu":
         print("note: fp16 autocast on CPU is partly supported (some ops have no fp16 kernel and it is often slower "
               "than bf16); prefer trainer.precision=bf16")
     hf_cfg = hf_config(model_config(cfg.model)) if b.compare == "hf" else None  # fail early, before timing
@@ -305,7 +304,7 @@ def run(cfg: DictConfig) -> dict:
         theirs.warmup(b.warmup)
         runners.append(theirs)
 
-    peak = MatmulPeak(device, PRECISIONS[precision] or torch.float32, b.peak_size or (4096 if device.type == "cuda" else 2048))
+    peak = MatmulPeak(device, amp_dtype or torch.float32, b.peak_size or (4096 if device.type == "cuda" else 2048))
     for i in range(b.steps):  # ABBA: ours, hf, hf, ours, ...
         for runner in (runners if i % 2 == 0 else runners[::-1]):
             runner.timed_step()

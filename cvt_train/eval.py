@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -23,7 +22,7 @@ from .cli import friendly_errors
 from .errors import UserError
 from .flops import count_macs
 from .models import CvT, model_config
-from .models.convert import extract_state_dict, load_checkpoint, read_file
+from .models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 
 log = logging.getLogger("cvt_train")
 GROUPS = ("model", "data", "aug")
@@ -101,20 +100,19 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     from .data import build_data
     from .engine.distributed import resolve_device
     from .engine.evaluate import evaluate
-    from .engine.trainer import autocast, autocast_dtype
+    from .engine.precision import autocast, autocast_dtype, check_precision, precision_name
 
     if cfg.eval.split not in SPLITS:
         raise UserError(f"eval.split: unknown split {cfg.eval.split!r}; choose one of {list(SPLITS)}")
-    if cfg.trainer.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"trainer.precision: {cfg.trainer.precision!r} is not one of auto, bf16, fp16, fp32")
+    check_precision(cfg.trainer.precision)
     obj = read_file(cfg.ckpt)
     ecfg = eval_config(cfg, obj)
     mc = model_config(ecfg.model)
     sd = extract_state_dict(obj, use_ema=cfg.eval.ema, source=str(cfg.ckpt))
-    head = next((v for k, v in sd.items() if k.endswith(("head.weight", "classifier.weight"))), None)
-    if head is not None and head.shape[0] != ecfg.data.num_classes:
-        raise UserError(f"ckpt: {cfg.ckpt} classifies {head.shape[0]} classes but data={ecfg.data.name} has "
-                        f"{ecfg.data.num_classes}; evaluate it on data with {head.shape[0]} classes (data=cifar10: 10, "
+    classes = head_classes(sd)
+    if classes is not None and classes != ecfg.data.num_classes:
+        raise UserError(f"ckpt: {cfg.ckpt} classifies {classes} classes but data={ecfg.data.name} has "
+                        f"{ecfg.data.num_classes}; evaluate it on data with {classes} classes (data=cifar10: 10, "
                         "data=cifar100: 100, data=imagenet: 1000, data=folder data.num_classes=N)")
     if mc.num_classes != ecfg.data.num_classes:
         raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={ecfg.data.num_classes}")
@@ -142,7 +140,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "gmacs": count_macs(model, (mc.in_chans, size, size)) / 1e9,
         "images_per_s": metrics["images"] / max(seconds, 1e-9),
-        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+        "precision": precision_name(amp_dtype),
         "checkpoint": str(cfg.ckpt), "checkpoint_format": fmt, "ema": bool(cfg.eval.ema),
         "split": cfg.eval.split, "resolution": size, "model": mc.name, "data": ecfg.data.name,
         "mean": list(ecfg.data.mean), "std": list(ecfg.data.std), "device": str(device),

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_module
 
 from cvt_train.engine import trainer as trainer_module
 from cvt_train.engine.trainer import train
+from cvt_train.errors import UserError
 from fakedata import write_cifar10_python, write_image_folder
 
 FAST = ["model=cvt_cifar_tiny", "trainer.progress=false", "data.num_workers=0", "data.batch_size=50",
@@ -88,6 +89,41 @@ def test_resume_equals_uninterrupted(stop_step, extra, tmp_path, cifar_py, monke
     for name in ("top1", "top5", "loss", "best_top1"):
         assert json.loads((tmp_path / "full" / "metrics.json").read_text())[name] == \
                json.loads((tmp_path / "cut" / "metrics.json").read_text())[name]
+
+
+@pytest.mark.parametrize("fmt,file_classes", [("official", 1000), ("hf", 10)])
+def test_init_from_loads_weights_and_swaps_a_foreign_head(fmt, file_classes, tmp_path, cifar_py, caplog):
+    """trainer.init_from: every weight of the file is where training starts (lr 0 keeps it there); a head for
+    another class count is replaced by a fresh one."""
+    from cvt_train import create_model
+    from cvt_train.models.convert import to_format
+    from conftest import randomize
+
+    source = randomize(create_model("cvt_cifar_tiny", num_classes=file_classes), seed=3)
+    torch.save(to_format(source.state_dict(), fmt), tmp_path / "weights.pth")
+    cfg = compose_train([*FAST, "data=cifar10", f"data.root={cifar_py}", "trainer.epochs=1", "optim.lr=0", "sched=constant",
+                         "trainer.max_steps_per_epoch=2", f"trainer.init_from={tmp_path / 'weights.pth'}"])
+    with caplog.at_level("INFO", logger="cvt_train"):
+        train(cfg, tmp_path / "run")
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    for name, p in source.named_parameters():
+        if name.startswith("head.") and file_classes != 10:
+            assert trained[name].shape[0] == 10 and not torch.equal(trained[name][:10], p[:10])
+        else:
+            assert torch.equal(trained[name], p), name
+    assert f"({fmt} format), classifier {'re-initialised' if file_classes != 10 else 'included'}" in caplog.text
+
+
+def test_init_from_of_another_model_names_the_key(tmp_path, cifar_py):
+    from cvt_train import create_model
+
+    torch.save(create_model("cvt_cifar_small").state_dict(), tmp_path / "small.pt")
+    cfg = compose_train([*FAST, "data=cifar10", f"data.root={cifar_py}", f"trainer.init_from={tmp_path / 'small.pt'}"])
+    with pytest.raises(UserError, match=r"trainer.init_from=.*small.pt: .*shape mismatch"):
+        train(cfg, tmp_path / "run")
+    cfg.trainer.init_from = str(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match=r"trainer.init_from: .*missing.pt does not exist"):
+        train(cfg, tmp_path / "run")
 
 
 def test_sweep_writes_every_run_and_a_summary(tmp_path, cifar_py):

@@ -10,6 +10,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..errors import UserError
 from ..models import model_config, stage_map_sizes
 from .distributed import resolve_device
+from .precision import check_precision
 
 
 # The scalar keys the loop reads: (type, smallest value[, may be null]). The YAML configs are untyped, so without
@@ -49,16 +50,17 @@ def check_config(cfg: DictConfig) -> None:
     before joining the process group)."""
     for key, spec in SCALARS.items():
         _check_scalar(cfg, key, *spec)
-    valid_precisions = ("auto", "bf16", "fp16", "fp32")
-    if cfg.trainer.precision not in valid_precisions:
-        raise UserError(f"trainer.precision: {cfg.trainer.precision!r} is not one of {list(valid_precisions)}")
+    check_precision(cfg.trainer.precision)
     resolve_device(cfg.trainer.device)  # a device name only; nothing is allocated
     mc = model_config(cfg.model)
     if mc.num_classes != cfg.data.num_classes:
         raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={cfg.data.num_classes} "
                         f"of data={cfg.data.name}; drop the model.num_classes override")
     stage_map_sizes(mc, (cfg.data.image_size, cfg.data.image_size))
-    resume = cfg.trainer.resume
+    resume, init_from = cfg.trainer.resume, cfg.trainer.init_from
+    if init_from is not None and not Path(str(init_from)).exists():
+        raise UserError(f"trainer.init_from: {init_from} does not exist; give a weight file (ours, official or HF) or "
+                        "an HF save_pretrained folder")
     if resume not in (None, "auto") and not Path(str(resume)).is_file():
         raise UserError(f"trainer.resume: {resume} does not exist; give a checkpoint path or trainer.resume=auto")
 

@@ -29,28 +29,16 @@ from ..data import build_data
 from ..errors import UserError
 from ..flops import count_macs
 from ..models import CvT, model_config
+from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from .checks import check_config, flatten, resume_mismatch
 from .checkpoint import FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, save_atomic
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler, learning_rate
+from .precision import autocast, autocast_dtype
 
 log = logging.getLogger("cvt_train")
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for trainer.precision (None = fp32, no autocast)."""
-    if precision == "auto":
-        ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        precision = "bf16" if ok else "fp16"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -117,6 +105,23 @@ def restore_rng(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def init_weights(model: CvT, path: str, verbose: bool) -> None:
+    """trainer.init_from: start from the weights of another run or a release (ours, official or HF format), with a
+    fresh classifier when the file's class count differs (fine-tuning); optimizer and schedule start anew."""
+    sd = extract_state_dict(read_file(path), source=path)
+    classes = head_classes(sd)
+    drop_head = classes is not None and classes != model.cfg.num_classes
+    try:
+        fmt = load_checkpoint(model, sd, drop_head=drop_head)
+    except UserError as e:
+        raise UserError(f"trainer.init_from={path}: {e}; pass the model= (and model.* overrides) the weights were "
+                        "made for") from e
+    if verbose:
+        head = f"classifier re-initialised ({classes} classes in the file, {model.cfg.num_classes} here)" \
+            if drop_head else "classifier included"
+        log.info("initial weights from %s (%s format), %s", path, fmt, head)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
     """Train as `cfg` says, writing into `run_dir`; returns the best validation top-1 (percent)."""
     check_config(cfg)
@@ -145,7 +150,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         raise UserError(f"data.num_classes={cfg.data.num_classes} but {cfg.data.root} holds {data.num_classes} "
                         f"classes; set data.num_classes={data.num_classes}")
 
-    model = CvT(model_config(cfg.model)).to(dist.device)
+    model = CvT(model_config(cfg.model))
+    if tcfg.init_from and ckpt is None:  # a resumed run has its weights in the checkpoint
+        init_weights(model, str(tcfg.init_from), verbose=dist.is_main)
+    model = model.to(dist.device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if tcfg.sync_bn and dist.enabled:

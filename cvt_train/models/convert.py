@@ -140,6 +140,12 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
     return sd
 
 
+def head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
+    """The class count of a state dict's classifier (ours / official `head.weight`, HF `classifier.weight`)."""
+    weight = next((v for k, v in sd.items() if k.endswith(("head.weight", "classifier.weight"))), None)
+    return None if weight is None else int(weight.shape[0])
+
+
 def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = True,
                     drop_head: bool = False, use_ema: bool = False) -> str:
     """Load own / official / HF weights into `model`, detecting the format; returns the format's name.
