@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -122,236 +123,294 @@ def init_weights(model: CvT, path: str, verbose: bool) -> None:
         log.info("initial weights from %s (%s format), %s", path, fmt, head)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Train as `cfg` says, writing into `run_dir`; returns the best validation top-1 (percent)."""
-    check_config(cfg)
-    dist = init_distributed(cfg.trainer.device)
-    run_dir = Path(broadcast_object(str(run_dir)))
-    tcfg = cfg.trainer
-    if tcfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.manual_seed(tcfg.seed)
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+    epoch: int = 0  # epochs completed
+    step: int = 0  # batches done in the epoch after those (non-zero only when stopped by a signal mid-epoch)
+    global_step: int = 0  # optimizer steps
+    best_top1: float = 0.0
+    metrics: dict = field(default_factory=dict)  # of the last evaluation
 
-    resume_path = None
-    if tcfg.resume == "auto":
-        resume_path = run_dir / "last.pt" if (run_dir / "last.pt").is_file() else None
-        if resume_path is None and dist.is_main:
-            log.info("trainer.resume=auto: no %s yet, starting fresh", run_dir / "last.pt")
-    elif tcfg.resume:
-        resume_path = Path(str(tcfg.resume))
-    ckpt = load_training_checkpoint(resume_path) if resume_path else None
-    if dist.is_main:
-        for tmp in remove_stale_temporaries(run_dir):
-            log.info("removed %s, left by a process killed while writing a checkpoint", tmp)
 
-    data = build_data(cfg, rank=dist.rank, world_size=dist.world_size, device=dist.device)
-    if data.num_classes != cfg.data.num_classes:
-        raise UserError(f"data.num_classes={cfg.data.num_classes} but {cfg.data.root} holds {data.num_classes} "
-                        f"classes; set data.num_classes={data.num_classes}")
+class Trainer:
+    """Set-up in __init__, the loop in `fit`, one method per part of it."""
 
-    model = CvT(model_config(cfg.model))
-    if tcfg.init_from and ckpt is None:  # a resumed run has its weights in the checkpoint
-        init_weights(model, str(tcfg.init_from), verbose=dist.is_main)
-    model = model.to(dist.device)
-    if tcfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if tcfg.sync_bn and dist.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    amp_dtype = autocast_dtype(tcfg.precision, dist.device)
-    steps_per_epoch = data.steps_per_epoch
-    if tcfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, int(tcfg.max_steps_per_epoch))
-    # only whole accumulation windows: a partial one at the end of an epoch would leak its gradients into the next
-    # epoch (and a run restarted from that epoch boundary would not have them)
-    optim_steps_per_epoch = steps_per_epoch // tcfg.accum_steps
-    if optim_steps_per_epoch == 0:
-        raise UserError(f"trainer.accum_steps={tcfg.accum_steps}: more than the {steps_per_epoch} batches of an epoch; "
-                        "lower trainer.accum_steps or data.batch_size")
-    steps_per_epoch = optim_steps_per_epoch * tcfg.accum_steps
-    global_batch = cfg.data.batch_size * dist.world_size * tcfg.accum_steps
-    lr = learning_rate(cfg.optim, global_batch)
-    optimizer = build_optimizer(model, cfg.optim, lr)
-    scheduler = build_scheduler(optimizer, cfg.sched, lr, optim_steps_per_epoch, tcfg.epochs)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
-    ema = None
-    if tcfg.ema.enabled:
-        ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(tcfg.ema.decay, tcfg.ema.warmup), use_buffers=True)
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        check_config(cfg)
+        self.cfg, tcfg = cfg, cfg.trainer
+        self.dist = dist = init_distributed(tcfg.device)
+        self.run_dir = Path(broadcast_object(str(run_dir)))
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.manual_seed(tcfg.seed)
 
-    start_epoch, start_step, best_top1, metrics, global_step = 0, 0, 0.0, {}, 0
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            if ema is not None and ckpt.get("ema_state") is not None:
-                ema.load_state_dict(ckpt["ema_state"])
-            restore_rng(ckpt["rng"])
-            start_epoch, start_step = ckpt["epoch"], ckpt.get("step", 0)
-            best_top1, metrics, global_step = ckpt.get("best_top1", 0.0), ckpt.get("metrics", {}), ckpt["global_step"]
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:  # resumed with other overrides than it was made
-            raise resume_mismatch(resume_path, ckpt, cfg, e) from e
+        resume_path = self._resume_path()
+        ckpt = load_training_checkpoint(resume_path) if resume_path else None
         if dist.is_main:
-            log.info("resumed from %s at epoch %d step %d", resume_path, start_epoch + 1, start_step)
+            for tmp in remove_stale_temporaries(self.run_dir):
+                log.info("removed %s, left by a process killed while writing a checkpoint", tmp)
 
-    train_model = model
-    if dist.enabled:
-        ids = [dist.device.index] if dist.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
-    if tcfg.compile:
-        train_model = torch.compile(train_model)
+        self.data = data = build_data(cfg, rank=dist.rank, world_size=dist.world_size, device=dist.device)
+        if data.num_classes != cfg.data.num_classes:
+            raise UserError(f"data.num_classes={cfg.data.num_classes} but {cfg.data.root} holds {data.num_classes} "
+                            f"classes; set data.num_classes={data.num_classes}")
 
-    writer = None
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+        model = CvT(model_config(cfg.model))
+        if tcfg.init_from and ckpt is None:  # a resumed run has its weights in the checkpoint
+            init_weights(model, str(tcfg.init_from), verbose=dist.is_main)
+        model = model.to(dist.device)
+        if tcfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if tcfg.sync_bn and dist.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.amp_dtype = autocast_dtype(tcfg.precision, dist.device)
+        steps = data.steps_per_epoch
+        if tcfg.max_steps_per_epoch:
+            steps = min(steps, int(tcfg.max_steps_per_epoch))
+        # only whole accumulation windows: a partial one at the end of an epoch would leak its gradients into the
+        # next epoch (and a run restarted from that epoch boundary would not have them)
+        optim_steps = steps // tcfg.accum_steps
+        if optim_steps == 0:
+            raise UserError(f"trainer.accum_steps={tcfg.accum_steps}: more than the {steps} batches of an epoch; "
+                            "lower trainer.accum_steps or data.batch_size")
+        self.steps_per_epoch = optim_steps * tcfg.accum_steps
+        global_batch = cfg.data.batch_size * dist.world_size * tcfg.accum_steps
+        lr = learning_rate(cfg.optim, global_batch)
+        self.optimizer = build_optimizer(model, cfg.optim, lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.sched, lr, optim_steps, tcfg.epochs)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if tcfg.ema.enabled:
+            self.ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(tcfg.ema.decay, tcfg.ema.warmup), use_buffers=True)
+        self.progress = Progress()
+        if ckpt is not None:
+            self._restore(ckpt, resume_path)
 
-        writer = SummaryWriter(str(run_dir / "tb"))
+        self.train_model = model
+        if dist.enabled:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=ids)
+        if tcfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
+        self.nonfinite = 0  # consecutive steps with a non-finite loss
+        self.config_dict = OmegaConf.to_container(cfg, resolve=True)
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d)",
-                 cfg.model.name, n_params / 1e6, cfg.data.name, data.num_train, data.num_val, data.num_classes,
-                 lr, global_batch)
+        self.run_info = {"params": n_params,
+                         "gmacs": count_macs(model, (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)) / 1e9}
+        self.wall_start = time.perf_counter() - self.progress.metrics.get("wall_time_s", 0.0)
+        self.writer = None
+        if dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
 
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    run_info = {"params": sum(p.numel() for p in model.parameters()),
-                "gmacs": count_macs(model, (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)) / 1e9}
-    wall_start = time.perf_counter() - (metrics.get("wall_time_s", 0.0) if metrics else 0.0)
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            log.info("model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d)",
+                     cfg.model.name, n_params / 1e6, cfg.data.name, data.num_train, data.num_val, data.num_classes,
+                     lr, global_batch)
 
-    def last_good() -> str:
-        path = run_dir / "last.pt"
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.trainer.resume
+        if resume == "auto":
+            last = self.run_dir / "last.pt"
+            if not last.is_file() and self.dist.is_main:
+                log.info("trainer.resume=auto: no %s yet, starting fresh", last)
+            return last if last.is_file() else None
+        return Path(str(resume)) if resume else None
+
+    def _restore(self, ckpt: dict, path: Path) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if self.ema is not None and ckpt.get("ema_state") is not None:
+                self.ema.load_state_dict(ckpt["ema_state"])
+            restore_rng(ckpt["rng"])
+            self.progress = Progress(ckpt["epoch"], ckpt.get("step", 0), ckpt["global_step"],
+                                     ckpt.get("best_top1", 0.0), ckpt.get("metrics", {}))
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:  # resumed with other overrides than it was made
+            raise resume_mismatch(path, ckpt, self.cfg, e) from e
+        if self.dist.is_main:
+            log.info("resumed from %s at epoch %d step %d", path, self.progress.epoch + 1, self.progress.step)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> float:
+        """Train to trainer.epochs (or until a stop signal); returns the best validation top-1 (percent)."""
+        tcfg, p = self.cfg.trainer, self.progress
+        profiler = make_profiler(self.run_dir) if tcfg.profile and self.dist.is_main else None
+        with StopRequest() as stop, profiler or contextlib.nullcontext():
+            for epoch in range(p.epoch, tcfg.epochs):
+                first = p.step if epoch == p.epoch else 0
+                done = self.train_epoch(epoch, first, stop, profiler)
+                if done is None:  # stopped by a signal, last.pt written
+                    self.close(hparams=False)
+                    return p.best_top1
+                seen, seconds = done
+                p.epoch, p.step = epoch + 1, 0
+                if p.epoch % tcfg.eval_every == 0 or p.epoch == tcfg.epochs:
+                    improved = self.evaluate(seen, seconds)
+                    if improved:  # best.pt first: a kill before last.pt is written redoes the epoch and best.pt
+                        self.save("best.pt")
+                self.save("last.pt")
+        if profiler is not None:
+            write_profile(profiler, self.run_dir)
+        if self.dist.enabled:
+            check_ranks_agree(self.model, self.dist)
+        self.close(hparams=True)
+        return p.best_top1
+
+    def train_epoch(self, epoch: int, first: int, stop: StopRequest, profiler) -> tuple[int, float] | None:
+        """Batches `first`.. of `epoch`; returns (images seen, seconds), or None after a stop signal (any rank's),
+        with last.pt written at the step reached."""
+        tcfg, dist = self.cfg.trainer, self.dist
+        self.train_model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+                   disable=not (dist.is_main and tcfg.progress), dynamic_ncols=True, leave=False, mininterval=1.0)
+        batches = self.data.train_batches(epoch, start_step=first)
+        for step, (images, targets) in enumerate(batches, start=first):
+            if step >= self.steps_per_epoch:
+                break
+            loss = self.train_step(images, targets, epoch, step)
+            if loss is None:  # inside an accumulation window
+                continue
+            if profiler is not None:
+                profiler.step()
+            seen += images.shape[0]
+            loss_sum += loss if math.isfinite(loss) else 0.0
+            ips = seen * dist.world_size / (time.perf_counter() - t0)
+            lr = self.optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            bar.update(tcfg.accum_steps)
+            if self.writer is not None and self.progress.global_step % tcfg.log_every == 0:
+                for name, value in (("loss", loss), ("lr", lr), ("images_per_s", ips)):
+                    self.writer.add_scalar(f"train/{name}", value, self.progress.global_step)
+            if stop.requested(dist.device):
+                self.progress.step = step + 1
+                self.save("last.pt")
+                bar.close()
+                if dist.is_main:
+                    log.warning("stopped by signal %s at epoch %d step %d; last.pt written. Resume with: "
+                                "cvt-train <same overrides> hydra.run.dir=%s trainer.resume=auto",
+                                stop.signum, epoch + 1, step + 1, self.run_dir)
+                return None
+        bar.close()
+        self.train_loss = loss_sum / max(1, seen // self.cfg.data.batch_size)
+        return seen, time.perf_counter() - t0
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> float | None:
+        """Forward and backward of one batch, and the optimizer step at the end of an accumulation window; returns
+        the batch's loss there, None inside a window."""
+        tcfg, dist = self.cfg.trainer, self.dist
+        torch.manual_seed(step_seed(tcfg.seed, epoch, step, dist.rank))
+        boundary = (step + 1) % tcfg.accum_steps == 0
+        sync = contextlib.nullcontext() if boundary or not dist.enabled else self.train_model.no_sync()
+        with sync:
+            with autocast(dist.device, self.amp_dtype):
+                logits = self.train_model(images)
+            loss = self.loss_fn(logits.float(), targets)
+            self.scaler.scale(loss / tcfg.accum_steps).backward()
+        loss_value = loss.item()
+        if math.isfinite(loss_value):
+            self.nonfinite = 0
+        else:
+            self.nonfinite += 1
+            if self.nonfinite >= tcfg.max_nonfinite:
+                raise UserError(
+                    f"training diverged: non-finite loss for {self.nonfinite} consecutive steps (epoch {epoch + 1}, "
+                    f"step {step + 1}); {self.last_good()}; lower optim.lr, set trainer.grad_clip, or use "
+                    "trainer.precision=bf16/fp32")
+        if not boundary:
+            return None
+        if tcfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        if math.isfinite(loss_value) or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # with fp16 the scaler itself skips steps with inf/nan gradients
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.progress.global_step += 1
+        fault_point("step", self.progress.global_step)  # test hook (fault injection), see checkpoint.py
+        return loss_value
+
+    def evaluate(self, seen: int, seconds: float) -> bool:
+        """Validate after an epoch, log and write metrics.json; returns whether top-1 improved on the best."""
+        p, dist, tcfg = self.progress, self.dist, self.cfg.trainer
+        self.ensure_finite()
+        images_per_s = seen * dist.world_size / max(seconds, 1e-9)
+        metrics = run_evaluation(self.model, self.ema, self.data, dist, self.amp_dtype, tcfg.progress, p.epoch)
+        metrics.update(epoch=p.epoch, **self.run_info, wall_time_s=time.perf_counter() - self.wall_start,
+                       images_per_s=images_per_s)
+        improved = metrics["top1"] > p.best_top1
+        p.best_top1 = metrics["best_top1"] = max(p.best_top1, metrics["top1"])
+        p.metrics = metrics
+        if dist.is_main:
+            log.info("epoch %d/%d: train loss %.4f | val top1 %.2f top5 %.2f loss %.4f%s | %.0f img/s",
+                     p.epoch, tcfg.epochs, self.train_loss, metrics["top1"], metrics["top5"], metrics["loss"],
+                     f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "", images_per_s)
+            for key in ("top1", "top5", "loss", "ema_top1", "ema_top5"):
+                if key in metrics:
+                    self.writer.add_scalar(f"val/{key}", metrics[key], p.epoch)
+            self.writer.add_scalar("train/epoch_time_s", seconds, p.epoch)
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return improved
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def last_good(self) -> str:
+        path = self.run_dir / "last.pt"
         return f"the last good checkpoint, {path}, is intact" if path.is_file() else "no checkpoint was written"
 
-    def ensure_finite(epoch: int, step: int) -> None:
+    def ensure_finite(self) -> None:
         """Never evaluate or save weights that went NaN/inf (BatchNorm statistics can, even when every step with a
         non-finite loss was skipped)."""
-        for prefix, module in (("", model), ("ema.", ema.module if ema is not None else None)):
+        p = self.progress
+        where = f"at epoch {p.epoch + 1} step {p.step}" if p.step else f"after epoch {p.epoch}"
+        for prefix, module in (("", self.model), ("ema.", self.ema.module if self.ema is not None else None)):
             for name, t in (module.state_dict().items() if module is not None else ()):
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise UserError(f"training diverged: {prefix}{name} holds NaN/inf at epoch {epoch + 1} step "
-                                    f"{step}; {last_good()}; lower optim.lr, set trainer.grad_clip, or use "
-                                    "trainer.precision=bf16/fp32")
+                    raise UserError(f"training diverged: {prefix}{name} holds NaN/inf {where}; {self.last_good()}; "
+                                    "lower optim.lr, set trainer.grad_clip, or use trainer.precision=bf16/fp32")
 
-    def save(name: str, epoch: int, step: int) -> None:
-        ensure_finite(epoch, step)
-        if not dist.is_main:
+    def save(self, name: str) -> None:
+        """Model, EMA, optimizer, schedule, scaler, progress, RNG states and the resolved config, atomically."""
+        self.ensure_finite()
+        if not self.dist.is_main:
             return
+        p, ema = self.progress, self.ema
         save_atomic({
-            "format_version": FORMAT_VERSION, "model": model.state_dict(),
+            "format_version": FORMAT_VERSION, "model": self.model.state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
             "ema_state": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "epoch": epoch, "step": step, "global_step": global_step, "best_top1": best_top1,
-            "metrics": metrics, "rng": rng_states(), "config": config_dict,
-        }, run_dir / name)
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": p.epoch, "step": p.step, "global_step": p.global_step, "best_top1": p.best_top1,
+            "metrics": p.metrics, "rng": rng_states(), "config": self.config_dict,
+        }, self.run_dir / name)
 
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
-    nonfinite = 0
-    profiler = make_profiler(run_dir) if tcfg.profile and dist.is_main else None
-    with StopRequest() as stop, profiler or contextlib.nullcontext():
-        for epoch in range(start_epoch, tcfg.epochs):
-            train_model.train()
-            first = start_step if epoch == start_epoch else 0
-            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
-                       disable=not (dist.is_main and tcfg.progress), dynamic_ncols=True, leave=False, mininterval=1.0)
-            batches = data.train_batches(epoch, start_step=first)
-            for step, (images, targets) in enumerate(batches, start=first):
-                if step >= steps_per_epoch:
-                    break
-                torch.manual_seed(step_seed(tcfg.seed, epoch, step, dist.rank))
-                boundary = (step + 1) % tcfg.accum_steps == 0
-                sync = contextlib.nullcontext() if boundary or not dist.enabled else train_model.no_sync()
-                with sync:
-                    with autocast(dist.device, amp_dtype):
-                        logits = train_model(images)
-                    loss = loss_fn(logits.float(), targets)
-                    scaler.scale(loss / tcfg.accum_steps).backward()
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    nonfinite += 1
-                    if nonfinite >= tcfg.max_nonfinite:
-                        raise UserError(
-                            f"training diverged: non-finite loss for {nonfinite} consecutive steps (epoch {epoch + 1}, "
-                            f"step {step + 1}); {last_good()}; lower optim.lr, set trainer.grad_clip, or use "
-                            "trainer.precision=bf16/fp32")
-                else:
-                    nonfinite = 0
-                if not boundary:
-                    continue
-                if tcfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                if math.isfinite(loss_value) or scaler.is_enabled():
-                    scaler.step(optimizer)  # with fp16 the scaler itself skips steps with inf/nan gradients
-                    scaler.update()
-                    if ema is not None:
-                        ema.update_parameters(model)
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                global_step += 1
-                fault_point("step", global_step)  # test hook (fault injection), see checkpoint.py
-                if profiler is not None:
-                    profiler.step()
-                seen += images.shape[0]
-                loss_sum += loss_value if math.isfinite(loss_value) else 0.0
-                ips = seen * dist.world_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{ips:.0f}")
-                bar.update(tcfg.accum_steps)
-                if writer is not None and global_step % tcfg.log_every == 0:
-                    writer.add_scalar("train/loss", loss_value, global_step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-                    writer.add_scalar("train/images_per_s", ips, global_step)
-                if stop.requested(dist.device):
-                    save("last.pt", epoch, step + 1)
-                    bar.close()
-                    if dist.is_main:
-                        log.warning("stopped by signal %s at epoch %d step %d; last.pt written. Resume with: "
-                                    "cvt-train <same overrides> hydra.run.dir=%s trainer.resume=auto",
-                                    stop.signum, epoch + 1, step + 1, run_dir)
-                    return best_top1
-            bar.close()
-            epoch_time = time.perf_counter() - t0
-            last_epoch = epoch + 1 == tcfg.epochs
-            if (epoch + 1) % tcfg.eval_every == 0 or last_epoch:
-                ensure_finite(epoch, steps_per_epoch)
-                metrics = run_evaluation(model, ema, data, dist, amp_dtype, tcfg.progress, epoch + 1)
-                metrics.update(epoch=epoch + 1, **run_info, wall_time_s=time.perf_counter() - wall_start,
-                               images_per_s=seen * dist.world_size / max(epoch_time, 1e-9))
-                improved = metrics["top1"] > best_top1
-                best_top1 = max(best_top1, metrics["top1"])
-                metrics["best_top1"] = best_top1
-                if dist.is_main:
-                    log.info("epoch %d/%d: train loss %.4f | val top1 %.2f top5 %.2f loss %.4f%s | %.0f img/s",
-                             epoch + 1, tcfg.epochs, loss_sum / max(1, seen // cfg.data.batch_size), metrics["top1"],
-                             metrics["top5"], metrics["loss"],
-                             f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "",
-                             seen * dist.world_size / max(epoch_time, 1e-9))
-                    for key in ("top1", "top5", "loss", "ema_top1", "ema_top5"):
-                        if key in metrics:
-                            writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
-                    writer.add_scalar("train/epoch_time_s", epoch_time, epoch + 1)
-                    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-                if improved:  # best.pt first: a kill before last.pt is written redoes the epoch and best.pt with it
-                    save("best.pt", epoch + 1, 0)
-                save("last.pt", epoch + 1, 0)
-            else:
-                save("last.pt", epoch + 1, 0)
-    if profiler is not None:
-        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        (run_dir / "profile.txt").write_text(table)
-        log.info("profile of the first training steps: %s (trace for TensorBoard in %s)", run_dir / "profile.txt",
-                 run_dir / "profile")
-    if dist.enabled:
-        check_ranks_agree(model, dist)
-    if writer is not None:
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                   for k, v in flatten(config_dict).items() if not k.startswith("hydra")}
-        writer.add_hparams(hparams, {"hparam/top1": metrics.get("top1", 0.0), "hparam/best_top1": best_top1},
-                           run_name=".")
-        writer.close()
-    return best_top1
+    def close(self, hparams: bool) -> None:
+        """Close the TensorBoard events, with the HParams entry of a finished run (TensorBoard's sweep view)."""
+        if self.writer is None:
+            return
+        if hparams:
+            values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                      for k, v in flatten(self.config_dict).items() if not k.startswith("hydra")}
+            metrics = {"hparam/top1": self.progress.metrics.get("top1", 0.0), "hparam/best_top1": self.progress.best_top1}
+            self.writer.add_hparams(values, metrics, run_name=".")
+        self.writer.close()
+        self.writer = None
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Train as `cfg` says, writing into `run_dir`; returns the best validation top-1 (percent)."""
+    return Trainer(cfg, run_dir).fit()
 
 
 def make_profiler(run_dir: Path) -> torch.profiler.profile:
@@ -362,6 +421,13 @@ def make_profiler(run_dir: Path) -> torch.profiler.profile:
     return torch.profiler.profile(
         activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=5, repeat=1),
         on_trace_ready=torch.profiler.tensorboard_trace_handler(str(run_dir / "profile")))
+
+
+def write_profile(profiler: torch.profiler.profile, run_dir: Path) -> None:
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    (run_dir / "profile.txt").write_text(table)
+    log.info("profile of the first training steps: %s (trace for TensorBoard in %s)", run_dir / "profile.txt",
+             run_dir / "profile")
 
 
 def check_ranks_agree(model: nn.Module, dist: DistInfo) -> None:
