@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .cli import friendly_errors
 from .errors import UserError
 from .flops import count_macs
-from .models import CvT, model_config
+from .models import CvT, model_config, num_params
 from .models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 
 log = logging.getLogger("cvt_train")
@@ -137,7 +137,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     bar.close()
     result = {
         **metrics,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": num_params(model),
         "gmacs": count_macs(model, (mc.in_chans, size, size)) / 1e9,
         "images_per_s": metrics["images"] / max(seconds, 1e-9),
         "precision": precision_name(amp_dtype),

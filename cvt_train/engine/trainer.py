@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..data import build_data
 from ..errors import UserError
 from ..flops import count_macs
-from ..models import CvT, model_config
+from ..models import CvT, model_config, num_params
 from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from .checks import check_config, flatten, resume_mismatch
 from .checkpoint import FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, save_atomic
@@ -198,8 +198,9 @@ class Trainer:
 
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
         self.nonfinite = 0  # consecutive steps with a non-finite loss
+        self.train_loss = float("nan")  # mean over the last epoch
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = num_params(model)
         self.run_info = {"params": n_params,
                          "gmacs": count_macs(model, (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)) / 1e9}
         self.wall_start = time.perf_counter() - self.progress.metrics.get("wall_time_s", 0.0)
