@@ -120,6 +120,22 @@ def test_hf_head_for_other_class_count(hf):
     load_checkpoint(features_only, model.state_dict(), drop_head=True)
 
 
+def test_hf_backbone_state_dict(hf):
+    """HF's bare CvtModel (keys `encoder.stages...`): every stage weight loads; its lack of the final LayerNorm
+    and classifier is reported by a strict load."""
+    model = hf("small")[0]
+    backbone = model.cvt.state_dict()
+    assert next(iter(backbone)).startswith("encoder.stages.")
+    ours = ours_like(transformers.CvtConfig(**{**SMALL, "num_labels": 0}))
+    with pytest.raises(UserError, match=r"2 missing key\(s\) \['norm.weight', 'norm.bias'\], 0 unexpected"):
+        load_checkpoint(ours, backbone)
+    assert load_checkpoint(ours, backbone, strict=False) == "hf"
+    ref = to_format(ours.state_dict(), "hf")
+    for key, value in model.state_dict().items():
+        if key.startswith("cvt."):
+            assert torch.equal(ref[key], value), key
+
+
 # ---- the official microsoft/CvT format, made by our converter from our own weights ----
 
 @pytest.fixture(scope="module")

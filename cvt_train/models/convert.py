@@ -136,6 +136,8 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
             raise UserError(f"{source}: entry {k!r} is not a tensor; is this a model checkpoint?")
         for prefix in _WRAPPER_PREFIXES:
             k = k.removeprefix(prefix)
+        if k.startswith("encoder.stages."):  # HF's bare CvtModel (the backbone, saved without its `cvt.` wrapper)
+            k = "cvt." + k
         sd[k] = v
     return sd
 
