@@ -3,13 +3,16 @@
 #   scripts/run_ablations.sh DATA_ROOT [extra overrides, e.g. trainer.epochs=10 data.train_subset=null]
 # DATA_ROOT: CIFAR-10 in torchvision's python format or image folders (without a test split: data.val_split=0.1 is
 # already set by experiment/ablation_base). Writes multirun/ablations/<name>/ and docs/ablations_tables.md.
+# ABLATIONS="embed noise" runs a subset (two subsets in parallel, one per core, with OMP_NUM_THREADS=1 and
+# ABLATION_REPORT=/dev/null); ABLATION_REPORT_ONLY=1 then writes the report of them all without training.
 set -euo pipefail
 root=${1:?usage: scripts/run_ablations.sh DATA_ROOT [overrides...]}
 shift
 out=${ABLATION_DIR:-multirun/ablations}
 report=${ABLATION_REPORT:-docs/ablations_tables.md}
-names=(${ABLATIONS:-pos_embed embed kv_stride conv_proj})
+names=(${ABLATIONS:-pos_embed embed kv_stride conv_proj noise})
 for name in "${names[@]}"; do
+  [[ -n "${ABLATION_REPORT_ONLY:-}" ]] && break
   start=$(date +%s)
   cvt-train -m "experiment=ablation_${name}" "data.root=${root}" trainer.progress=false \
     "hydra.sweep.dir=${out}/${name}" "$@"

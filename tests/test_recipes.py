@@ -106,3 +106,40 @@ def test_cifar10_cvt_is_a_full_gpu_recipe():
     assert cfg.aug.mixup_alpha > 0 and cfg.aug.cutmix_alpha > 0 and cfg.aug.random_erasing > 0
     assert cfg.aug.label_smoothing > 0 and max(s.drop_path_rate for s in cfg.model.stages) > 0
     assert cfg.optim.name == "adamw" and 128 <= cfg.data.batch_size <= 256
+
+
+def sweep_variants(experiment: str) -> list[list[str]]:
+    """The jobs an experiment's `hydra.sweeper.params` expand to, as override lists (Hydra's own parser)."""
+    from itertools import product
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_module("cvt_train.conf", version_base="1.3"):
+        params = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True).hydra.sweeper.params
+    parser = OverridesParser.create()
+    axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
+            for key, value in params.items()]
+    return [list(job) for job in product(*axes)]
+
+
+ABLATIONS = {"pos_embed": 3, "embed": 4, "kv_stride": 2, "conv_proj": 4, "noise": 3}
+
+
+@pytest.mark.parametrize("name,jobs", ABLATIONS.items())
+def test_ablation_sweeps_build_one_distinct_model_per_job(name, jobs):
+    from cvt_train import count_macs
+
+    variants = sweep_variants(f"ablation_{name}")
+    assert len(variants) == jobs
+    configs, macs = [], []
+    for overrides in variants:
+        cfg = compose_train([f"experiment=ablation_{name}", *overrides])
+        mc = model_config(cfg.model)
+        model = CvT(mc)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        configs.append((OmegaConf.to_yaml(cfg.model, resolve=True), cfg.trainer.seed))
+        macs.append(count_macs(model, (3, 32, 32)))
+    assert len(set(configs)) == jobs  # every job trains something else
+    if name == "kv_stride":  # paper Table 7: k/v stride 2 saves about a quarter of the FLOPs
+        (stride1,), (stride2,) = ([m for v, m in zip(variants, macs) if f"[{s},{s},{s}]" in v[0]] for s in (1, 2))
+        assert 0.2 < 1 - stride2 / stride1 < 0.3
