@@ -113,10 +113,9 @@ def init_weights(model: CvT, path: str, verbose: bool) -> None:
     classes = head_classes(sd)
     drop_head = classes is not None and classes != model.cfg.num_classes
     try:
-        fmt = load_checkpoint(model, sd, drop_head=drop_head)
+        fmt = load_checkpoint(model, sd, drop_head=drop_head, source=f"trainer.init_from={path}")
     except UserError as e:
-        raise UserError(f"trainer.init_from={path}: {e}; pass the model= (and model.* overrides) the weights were "
-                        "made for") from e
+        raise UserError(f"{e}; pass the model= (and model.* overrides) the weights were made for") from e
     if verbose:
         head = f"classifier re-initialised ({classes} classes in the file, {model.cfg.num_classes} here)" \
             if drop_head else "classifier included"

@@ -149,13 +149,13 @@ def head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = True,
-                    drop_head: bool = False, use_ema: bool = False) -> str:
+                    drop_head: bool = False, use_ema: bool = False, *, source: str = "state dict") -> str:
     """Load own / official / HF weights into `model`, detecting the format; returns the format's name.
 
     strict: every key of the model must be found and every key of the file used, or one error lists them.
     drop_head: keep the model's freshly initialised classifier (fine-tuning to another class count).
+    source: what error messages call a state dict passed in (a path names itself).
     """
-    source = "state dict"
     obj = path_or_state_dict
     if isinstance(obj, (str, Path)):
         source, obj = str(obj), read_file(obj)
@@ -177,7 +177,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = Tr
     bad_shapes = [f"{k} {tuple(v.shape)} in file vs {tuple(target[k].shape)} in model"
                   for k, v in renamed.items() if v.shape != target[k].shape]
     if bad_shapes:
-        hint = " (a head for another class count: pass drop_head=True to fine-tune)" if any(
+        hint = " (a head for another class count: pass drop_head=True to fine-tune)" if all(
             s.startswith("head.") for s in bad_shapes) else ""
         raise UserError(f"{source}: shape mismatch for {len(bad_shapes)} key(s): {'; '.join(bad_shapes[:6])}{hint}")
     if strict and (missing or unexpected):
