@@ -117,11 +117,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     if mc.num_classes != ecfg.data.num_classes:
         raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={ecfg.data.num_classes}")
     model = CvT(mc)
-    try:
-        fmt = load_checkpoint(model, sd, source=f"ckpt={cfg.ckpt}")
-    except UserError as e:  # weights of another architecture: say which option to change
-        raise UserError(f"{e}; it does not fit model={mc.name}: pass the model= (and model.* overrides) the "
-                        "weights were made for") from e
+    fmt = load_checkpoint(model, sd, source=f"ckpt={cfg.ckpt}", advice=f"the weights do not fit model={mc.name}: "
+                          "pass the model= (and model.* overrides) they were made for")
     device = resolve_device(cfg.trainer.device)
     model = model.to(device).eval()
     if cfg.eval.split == "test":

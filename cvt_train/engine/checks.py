@@ -22,7 +22,7 @@ SCALARS = {
     "trainer.ema.decay": (float, 0), "data.batch_size": (int, 1), "data.image_size": (int, 1),
     "data.num_classes": (int, 1), "optim.lr": (float, 0, True), "optim.base_lr": (float, 0),
     "optim.base_batch_size": (int, 1), "optim.weight_decay": (float, 0), "sched.warmup_epochs": (float, 0),
-    "sched.warmup_lr": (float, 0), "sched.min_lr": (float, 0),
+    "sched.warmup_lr": (float, 0), "sched.min_lr": (float, 0), "optim.fused": (bool, None),
     **{f"trainer.{k}": (bool, None) for k in ("channels_last", "compile", "sync_bn", "deterministic", "progress",
                                              "ema.enabled", "ema.warmup")},
 }
@@ -46,7 +46,7 @@ def _check_scalar(cfg: DictConfig, key: str, kind: type, minimum, nullable: bool
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Everything that can be checked before any data is read or any device memory is taken (train() calls it
+    """Everything that can be checked before any data is read or any device memory is taken (Trainer calls it
     before joining the process group)."""
     for key, spec in SCALARS.items():
         _check_scalar(cfg, key, *spec)

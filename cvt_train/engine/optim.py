@@ -34,6 +34,20 @@ def build_optimizer(model: nn.Module, optim: DictConfig, lr: float) -> torch.opt
     raise UserError(f"optim.name: unknown optimizer {optim.name!r}; choose adamw or sgd")
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping this run's `fused` choice (torch would take the saved one) and laying
+    each state tensor out like its parameter: the fused kernel reads them as raw memory, so moments saved from a
+    run with another `trainer.channels_last` would otherwise be applied to the wrong elements."""
+    for saved, group in zip(state["param_groups"], optimizer.param_groups):
+        if "fused" in group:
+            saved["fused"] = group["fused"]
+    optimizer.load_state_dict(state)
+    for p, s in optimizer.state.items():
+        for key, value in s.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                s[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, sched: DictConfig, lr: float,
                     steps_per_epoch: int, epochs: int) -> LRScheduler:
     """Linear warmup from `warmup_lr`, then cosine to `min_lr` (or constant); stepped once per optimizer step."""

@@ -22,11 +22,15 @@ def check_precision(precision: str) -> None:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for trainer.precision on `device` (None = fp32, no autocast)."""
     check_precision(precision)
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if precision == "auto":
-        precision = "bf16" if bf16_ok else "fp16"
-    if precision == "bf16" and not bf16_ok:
-        raise UserError(f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or fp32")
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on; older GPUs emulate it slowly
+        if precision == "auto":
+            precision = "bf16" if native_bf16 else "fp16"
+        if precision == "bf16" and not native_bf16:
+            raise UserError(f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16; "
+                            "use fp16 (or auto) or fp32")
+    elif precision == "auto":
+        precision = "bf16" if device.type == "cpu" else "fp16"
     return PRECISIONS[precision]
 
 

@@ -33,9 +33,9 @@ from ..models import CvT, model_config, num_params
 from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from .checks import check_config, flatten, resume_mismatch
 from .checkpoint import FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, save_atomic
-from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
+from .distributed import DistInfo, all_reduce_max, broadcast_object, init_distributed
 from .evaluate import evaluate
-from .optim import build_optimizer, build_scheduler, learning_rate
+from .optim import build_optimizer, build_scheduler, learning_rate, load_optimizer_state
 from .precision import autocast, autocast_dtype
 
 log = logging.getLogger("cvt_train")
@@ -84,8 +84,11 @@ class StopRequest:
         self.signum = signum
 
     def requested(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
-        return bool(all_reduce_sum(flag).item() > 0)  # every rank stops at the same step
+        """Whether any rank got a signal (so every rank stops at the same step); adopts its number."""
+        signum = int(all_reduce_max(torch.tensor([self.signum or 0], device=device)).item())
+        if signum and self.signum is None:
+            self.signum = signum
+        return signum > 0
 
 
 def rng_states() -> dict:
@@ -112,10 +115,8 @@ def init_weights(model: CvT, path: str, verbose: bool) -> None:
     sd = extract_state_dict(read_file(path), source=path)
     classes = head_classes(sd)
     drop_head = classes is not None and classes != model.cfg.num_classes
-    try:
-        fmt = load_checkpoint(model, sd, drop_head=drop_head, source=f"trainer.init_from={path}")
-    except UserError as e:
-        raise UserError(f"{e}; pass the model= (and model.* overrides) the weights were made for") from e
+    fmt = load_checkpoint(model, sd, drop_head=drop_head, source=f"trainer.init_from={path}",
+                          advice="pass the model= (and model.* overrides) the weights were made for")
     if verbose:
         head = f"classifier re-initialised ({classes} classes in the file, {model.cfg.num_classes} here)" \
             if drop_head else "classifier included"
@@ -224,7 +225,7 @@ class Trainer:
     def _restore(self, ckpt: dict, path: Path) -> None:
         try:
             self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(self.optimizer, ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
@@ -241,6 +242,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> float:
         """Train to trainer.epochs (or until a stop signal); returns the best validation top-1 (percent)."""
+        try:
+            return self._fit()
+        finally:  # an error or Ctrl-C too: flush the TensorBoard events written so far
+            self.close(hparams=False)
+
+    def _fit(self) -> float:
         tcfg, p = self.cfg.trainer, self.progress
         profiler = make_profiler(self.run_dir) if tcfg.profile and self.dist.is_main else None
         with StopRequest() as stop, profiler or contextlib.nullcontext():
@@ -248,7 +255,6 @@ class Trainer:
                 first = p.step if epoch == p.epoch else 0
                 done = self.train_epoch(epoch, first, stop, profiler)
                 if done is None:  # stopped by a signal, last.pt written
-                    self.close(hparams=False)
                     return p.best_top1
                 seen, seconds = done
                 p.epoch, p.step = epoch + 1, 0
@@ -269,20 +275,21 @@ class Trainer:
         with last.pt written at the step reached."""
         tcfg, dist = self.cfg.trainer, self.dist
         self.train_model.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        t0, seen, loss_sum, batches_done = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
                    disable=not (dist.is_main and tcfg.progress), dynamic_ncols=True, leave=False, mininterval=1.0)
         batches = self.data.train_batches(epoch, start_step=first)
         for step, (images, targets) in enumerate(batches, start=first):
             if step >= self.steps_per_epoch:
                 break
-            loss = self.train_step(images, targets, epoch, step)
-            if loss is None:  # inside an accumulation window
+            loss, stepped = self.train_step(images, targets, epoch, step)
+            seen += images.shape[0]
+            if math.isfinite(loss):
+                loss_sum, batches_done = loss_sum + loss, batches_done + 1
+            if not stepped:  # inside an accumulation window
                 continue
             if profiler is not None:
                 profiler.step()
-            seen += images.shape[0]
-            loss_sum += loss if math.isfinite(loss) else 0.0
             ips = seen * dist.world_size / (time.perf_counter() - t0)
             lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
@@ -300,12 +307,12 @@ class Trainer:
                                 stop.signum, epoch + 1, step + 1, self.run_dir)
                 return None
         bar.close()
-        self.train_loss = loss_sum / max(1, seen // self.cfg.data.batch_size)
+        self.train_loss = loss_sum / max(1, batches_done)
         return seen, time.perf_counter() - t0
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> float | None:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> tuple[float, bool]:
         """Forward and backward of one batch, and the optimizer step at the end of an accumulation window; returns
-        the batch's loss there, None inside a window."""
+        the batch's loss and whether the optimizer stepped."""
         tcfg, dist = self.cfg.trainer, self.dist
         torch.manual_seed(step_seed(tcfg.seed, epoch, step, dist.rank))
         boundary = (step + 1) % tcfg.accum_steps == 0
@@ -326,7 +333,7 @@ class Trainer:
                     f"step {step + 1}); {self.last_good()}; lower optim.lr, set trainer.grad_clip, or use "
                     "trainer.precision=bf16/fp32")
         if not boundary:
-            return None
+            return loss_value, False
         if tcfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
@@ -339,7 +346,7 @@ class Trainer:
         self.scheduler.step()
         self.progress.global_step += 1
         fault_point("step", self.progress.global_step)  # test hook (fault injection), see checkpoint.py
-        return loss_value
+        return loss_value, True
 
     def evaluate(self, seen: int, seconds: float) -> bool:
         """Validate after an epoch, log and write metrics.json; returns whether top-1 improved on the best."""

@@ -149,12 +149,14 @@ def head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = True,
-                    drop_head: bool = False, use_ema: bool = False, *, source: str = "state dict") -> str:
+                    drop_head: bool = False, use_ema: bool = False, *, source: str = "state dict",
+                    advice: str = "build the model the weights were made for, or pass strict=False") -> str:
     """Load own / official / HF weights into `model`, detecting the format; returns the format's name.
 
     strict: every key of the model must be found and every key of the file used, or one error lists them.
     drop_head: keep the model's freshly initialised classifier (fine-tuning to another class count).
-    source: what error messages call a state dict passed in (a path names itself).
+    source, advice: what error messages call a state dict passed in (a path names itself), and what they tell the
+    user to do (command-line callers name their options).
     """
     obj = path_or_state_dict
     if isinstance(obj, (str, Path)):
@@ -179,10 +181,11 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = Tr
     if bad_shapes:
         hint = " (a head for another class count: pass drop_head=True to fine-tune)" if all(
             s.startswith("head.") for s in bad_shapes) else ""
-        raise UserError(f"{source}: shape mismatch for {len(bad_shapes)} key(s): {'; '.join(bad_shapes[:6])}{hint}")
+        raise UserError(f"{source}: shape mismatch for {len(bad_shapes)} key(s): {'; '.join(bad_shapes[:6])}{hint}; "
+                        f"{advice}")
     if strict and (missing or unexpected):
         raise UserError(
             f"{source} ({fmt} format) does not fit the model: {len(missing)} missing key(s) {missing[:8]}, "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:8]}; check the model config (model=...) or pass strict=False")
+            f"{len(unexpected)} unexpected key(s) {unexpected[:8]}; {advice}")
     model.load_state_dict(renamed, strict=False)
     return fmt

@@ -1,0 +1,32 @@
+"""trainer.precision: what `auto` picks per device, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cvt_train.engine.precision import autocast_dtype, precision_name
+from cvt_train.errors import UserError
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("capability,auto", [((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_on_gpus_old_and_new(capability, auto, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU sm_{capability[0]}{capability[1]}")
+    assert autocast_dtype("auto", CUDA) is auto
+    assert autocast_dtype("fp16", CUDA) is torch.float16 and autocast_dtype("fp32", CUDA) is None
+    if auto is torch.float16:  # emulated bf16 is slow: refused, naming the GPU
+        with pytest.raises(UserError, match=r"trainer.precision=bf16: GPU sm_70 has no native bf16"):
+            autocast_dtype("bf16", CUDA)
+    else:
+        assert autocast_dtype("bf16", CUDA) is torch.bfloat16
+
+
+def test_cpu_and_names():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is torch.bfloat16
+    assert [precision_name(autocast_dtype(p, cpu)) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
+    with pytest.raises(UserError, match=r"trainer.precision: 'fp8' is not one of auto, bf16, fp16, fp32"):
+        autocast_dtype("fp8", cpu)
