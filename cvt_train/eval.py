@@ -117,8 +117,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     if mc.num_classes != ecfg.data.num_classes:
         raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={ecfg.data.num_classes}")
     model = CvT(mc)
-    fmt = load_checkpoint(model, sd, source=f"ckpt={cfg.ckpt}", advice=f"the weights do not fit model={mc.name}: "
-                          "pass the model= (and model.* overrides) they were made for")
+    fmt = load_checkpoint(model, sd, source=f"ckpt={cfg.ckpt}", advice=f"the checkpoint does not fit model={mc.name}: "
+                          "pass the model= (and model.* overrides) its weights were made for")
     device = resolve_device(cfg.trainer.device)
     model = model.to(device).eval()
     if cfg.eval.split == "test":
