@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's ablations (Tables 5-8) at CIFAR scale, one Hydra multirun each, then their tables in one report.
-#   scripts/run_ablations.sh DATA_ROOT [extra overrides, e.g. trainer.epochs=10 data.train_subset=null]
+#   scripts/run_ablations.sh DATA_ROOT [extra overrides, e.g. trainer.epochs=10]
 # DATA_ROOT: CIFAR-10 in torchvision's python format or image folders (without a test split: data.val_split=0.1 is
 # already set by experiment/ablation_base). Writes multirun/ablations/<name>/ and docs/ablations_tables.md.
 # ABLATIONS="embed noise" runs a subset (two subsets in parallel, one per core, with OMP_NUM_THREADS=1 and
