@@ -37,8 +37,9 @@ from .cli import friendly_errors
 from .errors import UserError
 from .flops import count_flops, count_macs
 from .models import ModelConfig, model_config, num_params
+from .engine.checks import check_scalar
 from .engine.distributed import resolve_device
-from .engine.precision import autocast_dtype, check_precision, precision_name
+from .engine.precision import autocast, autocast_dtype, check_precision, precision_name
 from .models.convert import to_format
 
 MODES = ("train", "infer")
@@ -128,12 +129,12 @@ class Runner:
     device: torch.device
     x: torch.Tensor
     y: torch.Tensor
+    amp_dtype: torch.dtype | None  # None = fp32, no autocast
     times: list[float] = field(default_factory=list)
     peak_mem_mb: float | None = None
 
     def __post_init__(self):
         b = self.cfg.bench
-        self.amp_dtype = autocast_dtype(self.cfg.trainer.precision, self.device)
         self.fn = torch.compile(self.model) if b.compile else self.model
         self.sync = synchronizer(self.device)
         if b.mode == "train":
@@ -144,20 +145,16 @@ class Runner:
         else:
             self.model.eval()
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
-
     def step(self) -> None:
         if self.cfg.bench.mode == "train":
-            with self.autocast():
+            with autocast(self.device, self.amp_dtype):
                 loss = F.cross_entropy(self.fn(self.x).float(), self.y)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
         else:
-            with torch.inference_mode(), self.autocast():
+            with torch.inference_mode(), autocast(self.device, self.amp_dtype):
                 self.fn(self.x)
 
     def timed_step(self) -> None:
@@ -249,10 +246,7 @@ def check(cfg: DictConfig) -> None:
     if b.compare not in (None, "hf"):
         raise UserError(f"bench.compare: unknown reference {b.compare!r}; use hf or null")
     for key, low in (("batch_size", 1), ("resolution", 1), ("steps", 1), ("warmup", 0), ("threads", 1), ("peak_size", 1)):
-        if key in ("threads", "peak_size") and b[key] is None:
-            continue
-        if not isinstance(b[key], int) or isinstance(b[key], bool) or b[key] < low:
-            raise UserError(f"bench.{key}: must be an integer >= {low}, got {b[key]!r}")
+        check_scalar(cfg, f"bench.{key}", int, low, nullable=key in ("threads", "peak_size"))
 
 
 def load_average() -> list[float] | None:
@@ -286,7 +280,7 @@ def run(cfg: DictConfig) -> dict:
     width = model.cfg.num_classes or model.num_features
     y = torch.randint(0, width, (b.batch_size,), device=device)
     gmacs = count_macs(model, (model.cfg.in_chans, r, r)) / 1e9  # also checks the resolution, with a clear error
-    ours = Runner("ours", model, cfg, device, x, y)
+    ours = Runner("ours", model, cfg, device, x, y, amp_dtype)
     flops = ours.flops_per_step()
     ours.warmup(b.warmup)
     runners = [ours]
@@ -299,7 +293,7 @@ def run(cfg: DictConfig) -> dict:
         hf.load_state_dict(to_format(model.state_dict(), "hf"))  # the same weights and BatchNorm statistics
         hf = HFLogits(hf).to(device=device, memory_format=memory_format)
         result["hf_max_abs_diff"] = same_math(model, hf, x)
-        theirs = Runner("hf", hf, cfg, device, x, y)
+        theirs = Runner("hf", hf, cfg, device, x, y, amp_dtype)
         result["hf_flops_per_step"] = theirs.flops_per_step()
         theirs.warmup(b.warmup)
         runners.append(theirs)

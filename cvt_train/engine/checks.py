@@ -28,7 +28,7 @@ SCALARS = {
 }
 
 
-def _check_scalar(cfg: DictConfig, key: str, kind: type, minimum, nullable: bool = False) -> None:
+def check_scalar(cfg: DictConfig, key: str, kind: type, minimum, nullable: bool = False) -> None:
     what = {bool: "true or false", int: f"an integer >= {minimum}", float: f"a number >= {minimum}"}[kind]
     try:
         value = OmegaConf.select(cfg, key, throw_on_missing=True)
@@ -49,7 +49,7 @@ def check_config(cfg: DictConfig) -> None:
     """Everything that can be checked before any data is read or any device memory is taken (Trainer calls it
     before joining the process group)."""
     for key, spec in SCALARS.items():
-        _check_scalar(cfg, key, *spec)
+        check_scalar(cfg, key, *spec)
     check_precision(cfg.trainer.precision)
     resolve_device(cfg.trainer.device)  # a device name only; nothing is allocated
     mc = model_config(cfg.model)

@@ -88,7 +88,7 @@ def run_projection(proj: nn.Module, m: torch.Tensor) -> torch.Tensor:
     return proj(m)
 
 
-def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast computes convs and matmuls in at this point (x's own dtype when autocast is off)."""
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
@@ -137,7 +137,7 @@ class Attention(nn.Module):
             cls, x = x.split((1, t - 1), dim=1)
         # Each map is cast once (autocast would cast once per conv) and made dense channels-last: one copy at most.
         m = tokens_to_map(x, h, w)  # (B, C, H, W)
-        mq = m.to(autocast_dtype(x), memory_format=torch.channels_last).contiguous(memory_format=torch.channels_last)
+        mq = m.to(compute_dtype(x), memory_format=torch.channels_last).contiguous(memory_format=torch.channels_last)
         q = map_to_tokens(run_projection(self.conv_proj_q, mq))  # (B, N, C)
         # oneDNN's bf16 backward of a strided depthwise conv is ~20x slower than its fp32 one (forward and stride 1
         # are fine), so when training on CPU under autocast the k and v projections run in the parameters' dtype.
