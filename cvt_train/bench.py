@@ -72,6 +72,8 @@ def hf_config(mc: ModelConfig):
             missing.append(f"model.stages.{i}.pos_embed=true")
         if s.qkv_proj_method == "avg":  # HF's "avg" means no convolution at all, i.e. our "linear"
             missing.append(f"model.stages.{i}.qkv_proj_method=avg")
+        if s.cls_token and i < len(mc.stages) - 1:  # HF sizes every stage's token by the last stage's width
+            missing.append(f"model.stages.{i}.cls_token=true")
         if s.depth <= i:  # HF indexes its per-block drop-path rates by the stage's index (transformers' bug)
             missing.append(f"model.stages.{i}.depth={s.depth} (HF's CvT needs depth > {i} in stage {i})")
     if missing:

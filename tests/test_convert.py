@@ -14,7 +14,10 @@ from cvt_train import UserError, load_checkpoint
 from cvt_train.models.convert import to_format
 from conftest import randomize, tiny_model
 
-transformers = pytest.importorskip("transformers")
+try:  # the HF tests need it (the `test` extra installs it); the official / own-format tests below do not
+    import transformers
+except ImportError:
+    transformers = None
 
 
 def ours_like(c) -> cvt_train.CvT:
@@ -49,6 +52,7 @@ def hf_logits(model, x):
 def hf(tmp_path_factory):
     """hf(name): a random HF CvT (BatchNorm stats and affine params randomised), its save_pretrained folder,
     inputs of batch size 3 and 1 and their logits; each built once per module."""
+    pytest.importorskip("transformers")
     cache = {}
 
     def get(name):

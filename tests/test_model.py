@@ -43,6 +43,9 @@ VARIANTS = {
     "stride_kv_1": {f"stages.{i}.stride_kv": 1 for i in range(3)},
     "kernel_qkv_5": {"stages.1.kernel_qkv": 5, "stages.1.padding_q": 2, "stages.1.padding_kv": 2},
     "no_cls_token": {"stages.2.cls_token": False},
+    "cls_token_every_stage": {f"stages.{i}.cls_token": True for i in range(3)},  # earlier stages' are dropped
+    "drops": {f"stages.{i}.{k}": 0.1 for i in range(3) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")},
+    "embed_geometry": {"stages.0.patch_size": 5, "stages.0.patch_stride": 2, "stages.0.patch_padding": 2},
     "pos_embed": {f"stages.{i}.pos_embed": True for i in range(3)},
     "gelu": {"act": "gelu"},
     "xavier": {"init": "xavier"},
@@ -54,11 +57,14 @@ VARIANTS = {
 @pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
 @pytest.mark.parametrize("size", [32, 224])
 def test_variant_builds_and_runs(overrides, size):
-    model = tiny_model(**overrides).eval()
+    model = tiny_model(**overrides)
     with torch.no_grad():
-        out = forward(model, size)
+        out = forward(model.eval(), size)
     assert out.shape == (2, 48 if overrides.get("num_classes") == 0 else 10)
     assert torch.isfinite(out).all()
+    forward(model.train(), size).square().mean().backward()  # training mode: dropouts, BatchNorm batch stats
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_variant_structure():
@@ -168,7 +174,7 @@ BAD = [
     ({"stages.1.padding_q": 0}, "model.stages.1.padding_q"),
     ({"stages.1.stride_q": 2}, "model.stages.1.stride_q"),
     ({"stages.2.qkv_proj_method": "avg", "stages.2.padding_kv": 2}, "model.stages.2.padding_kv"),
-    ({"stages.0.cls_token": True}, "model.stages.0.cls_token"),
+    ({"stages.0.qkv_proj_method": "linear", "stages.0.stride_q": 2}, "model.stages.0.stride_q"),  # no-op otherwise
     ({"act": "relu"}, "model.act"),
     ({"image_size": 2}, "model.stages.0."),  # the map vanishes in stage 0's embedding
     ({"image_size": 16, "stages.2.patch_padding": 0}, "model.stages.2."),  # 16 -> 4 -> 2, too small for a 3x3

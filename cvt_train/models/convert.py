@@ -185,7 +185,14 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = Tr
                         f"{advice}")
     if strict and (missing or unexpected):
         raise UserError(
-            f"{source} ({fmt} format) does not fit the model: {len(missing)} missing key(s) {missing[:8]}, "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:8]}; {advice}")
+            f"{source} ({fmt} format) does not fit the model: {len(missing)} missing key(s){_few(missing)}, "
+            f"{len(unexpected)} unexpected key(s){_few(unexpected)}; {advice}")
     model.load_state_dict(renamed, strict=False)
     return fmt
+
+
+def _few(keys: list[str], n: int = 8) -> str:
+    """' [a, b]' for a short list, ' (first 8: [...])' for a long one, '' for none."""
+    if not keys:
+        return ""
+    return f" {keys}" if len(keys) <= n else f" (first {n}: {keys[:n]})"

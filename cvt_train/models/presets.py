@@ -149,6 +149,9 @@ def validate(cfg: ModelConfig) -> None:
             if 2 * s.padding_q + 1 != s.kernel_qkv:
                 raise UserError(f"{w}.padding_q: with kernel_qkv {s.kernel_qkv} the query map keeps its size only with "
                                 f"padding_q {(s.kernel_qkv - 1) // 2}, got {s.padding_q}")
+        elif s.stride_q != 1:  # q is not projected at all: a stride would be silently ignored
+            raise UserError(f"{w}.stride_q: qkv_proj_method={s.qkv_proj_method} leaves the queries unprojected, so "
+                            f"stride_q={s.stride_q} would have no effect; leave it at 1")
         if s.qkv_proj_method == "avg" and 2 * s.padding_kv > s.kernel_qkv:
             raise UserError(f"{w}.padding_kv: average pooling allows at most half the kernel as padding "
                             f"(kernel_qkv {s.kernel_qkv}), got {s.padding_kv}")
@@ -157,8 +160,6 @@ def validate(cfg: ModelConfig) -> None:
                 raise UserError(f"{w}.{key}: must be in [0, 1), got {getattr(s, key)}")
         if s.mlp_ratio <= 0:
             raise UserError(f"{w}.mlp_ratio: must be > 0, got {s.mlp_ratio}")
-        if s.cls_token and i != len(cfg.stages) - 1:
-            raise UserError(f"{w}.cls_token: only the last stage may carry a cls token (as in the official code)")
     stage_map_sizes(cfg, (cfg.image_size, cfg.image_size))
 
 
