@@ -158,3 +158,5 @@ def test_torchrun_two_processes_match_single_process_eval(tmp_path, cifar_py):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     single = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert single["images"] == 200 and single["top1"] == metrics["top1"] and single["top5"] == metrics["top5"]
+    # the same model on every rank (BatchNorm statistics included), so the same loss up to summation order
+    assert single["loss"] == pytest.approx(metrics["loss"], rel=1e-6)

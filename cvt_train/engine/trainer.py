@@ -351,6 +351,7 @@ class Trainer:
     def evaluate(self, seen: int, seconds: float) -> bool:
         """Validate after an epoch, log and write metrics.json; returns whether top-1 improved on the best."""
         p, dist, tcfg = self.progress, self.dist, self.cfg.trainer
+        self.sync_buffers()
         self.ensure_finite()
         images_per_s = seen * dist.world_size / max(seconds, 1e-9)
         metrics = run_evaluation(self.model, self.ema, self.data, dist, self.amp_dtype, tcfg.progress, p.epoch)
@@ -386,8 +387,25 @@ class Trainer:
                     raise UserError(f"training diverged: {prefix}{name} holds NaN/inf {where}; {self.last_good()}; "
                                     "lower optim.lr, set trainer.grad_clip, or use trainer.precision=bf16/fp32")
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics, EMA). DDP broadcasts them before each forward, but
+        each rank's last forward then updates its own copy: without this, ranks would evaluate shards with different
+        statistics, and differ from the model rank 0 saves."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as tdist
+
+        modules = [self.model] + ([self.ema] if self.ema is not None else [])  # the EMA's weights and counter too
+        for module in modules:
+            for t in module.buffers():
+                tdist.broadcast(t, src=0)
+        if self.ema is not None:
+            for t in self.ema.parameters():
+                tdist.broadcast(t.data, src=0)
+
     def save(self, name: str) -> None:
         """Model, EMA, optimizer, schedule, scaler, progress, RNG states and the resolved config, atomically."""
+        self.sync_buffers()
         self.ensure_finite()
         if not self.dist.is_main:
             return
@@ -438,10 +456,10 @@ def write_profile(profiler: torch.profiler.profile, run_dir: Path) -> None:
 
 
 def check_ranks_agree(model: nn.Module, dist: DistInfo) -> None:
-    """After a distributed run every rank must hold the same weights; compare float64 checksums."""
+    """After a distributed run every rank must hold the same weights and buffers; compare float64 checksums."""
     import torch.distributed as tdist
 
-    local = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    local = torch.stack([t.detach().double().sum() for t in model.state_dict().values()]).sum().reshape(1)
     gathered = [torch.zeros_like(local) for _ in range(dist.world_size)]
     tdist.all_gather(gathered, local)
     sums = [g.item() for g in gathered]
