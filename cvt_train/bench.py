@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import create_model
-from .cli import friendly_errors
+from .cli import check_overrides, friendly_errors
 from .errors import UserError
 from .flops import count_flops, count_macs
 from .models import ModelConfig, model_config, num_params
@@ -368,13 +368,18 @@ def report(res: dict) -> str:
 
 @hydra.main(config_path="conf", config_name="bench", version_base="1.3")
 @friendly_errors
-def main(cfg: DictConfig) -> float:
+def app(cfg: DictConfig) -> float:
     res = run(cfg)
     print(report(res))
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")
     return res["images_per_s"]
+
+
+def main() -> None:
+    check_overrides("bench")
+    app()
 
 
 if __name__ == "__main__":

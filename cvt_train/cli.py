@@ -5,16 +5,22 @@ Set HYDRA_FULL_ERROR=1 (or CVT_DEBUG=1) to see the full traceback instead.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by Ctrl-C
 
 
 def _debug() -> bool:
@@ -28,14 +34,29 @@ def friendly_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, OmegaConfBaseException) as e:
+        except (UserError, OmegaConfBaseException, OSError) as e:
             if _debug():
                 raise
-            print(f"error: {e}".splitlines()[0] if isinstance(e, UserError) else f"error: {_one_line(e)}",
-                  file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            if isinstance(e, UserError):
+                message = str(e).splitlines()[0]
+            elif isinstance(e, OSError):  # a disk, permission or file-system fault outside the checked writes
+                where = f"{e.filename}: " if e.filename else ""
+                message = f"{where}{e.strerror or e}; check the path, the free disk space and the permissions"
+            else:
+                message = _one_line(e)
+            _fail(message)
+        except KeyboardInterrupt:
+            if _debug():
+                raise
+            print("error: interrupted (Ctrl-C); checkpoints already written are intact", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def _one_line(e: Exception) -> str:
@@ -44,12 +65,86 @@ def _one_line(e: Exception) -> str:
     return f"{key}: {text}" if key and key not in text else text
 
 
+def _hydra_message(e: Exception) -> str:
+    """Hydra's multi-line composition errors as one line: 'Available options in ...:' lists become comma lists."""
+    lines = []
+    for line in str(e).splitlines():
+        if line.startswith("Config search path"):  # Hydra's internals, not the user's concern
+            break
+        if line.strip():
+            lines.append(line.strip().rstrip("."))
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    out: list[str] = []
+    for line in lines:
+        if out and out[-1].endswith(":") and not line.endswith(":"):
+            out[-1] += " " + line  # the first item of a list
+        elif out and ":" in out[-1] and not line.endswith(":") and " " not in line:
+            out[-1] += ", " + line  # a further item
+        else:
+            out.append(line)
+    return "; ".join(out)
+
+
+def check_overrides(config_name: str) -> None:
+    """Compose the config with the command line's overrides before Hydra starts, so that an unknown key or group
+    option ends in one `error:` line (exit 2) rather than Hydra's multi-line report, and an output dir that cannot
+    be written is named before anything runs. In a sweep, each value is checked with the first of the others.
+    Command lines with Hydra flags (--help, --cfg, -cp, ...) are left to Hydra."""
+    args = sys.argv[1:]
+    if _debug() or any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
+        choices = [[o.input_line] if not o.is_sweep_override() else
+                   [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    except HydraException as e:  # a syntax error, or a sweep kind (glob) that needs Hydra itself
+        if "ConfigLoader" in str(e):
+            return
+        _fail(_hydra_message(e))
+    first = [c[0] for c in choices]
+    variants = [first] + [first[:i] + [v] + first[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
+    try:
+        with initialize_config_module("cvt_train.conf", version_base="1.3"):
+            for overrides in variants[:64]:
+                cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        _fail(_hydra_message(e))
+    _check_writable(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+
+
+def _check_writable(cfg, key: str) -> None:
+    try:
+        folder = Path(str(OmegaConf.select(cfg, key)))
+    except Exception:  # an interpolation only a running Hydra can resolve: Hydra will report it
+        return
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        _fail(f"{key}={folder}: {existing} is a file, not a folder; set {key} to a folder you can write")
+    try:  # a real write (os.access says yes to root, even where the file system refuses)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        _fail(f"{key}={folder}: cannot write in {existing} ({e.strerror or e}); set {key} to a folder you can write")
+
+
 def prepare_distributed_argv() -> None:
-    """Under torchrun, only rank 0 writes Hydra's run dir; the other ranks log to stderr and write nothing.
+    """Under torchrun, only rank 0 writes Hydra's run dir; the other ranks log to stderr and write nothing (a sweep's
+    job dirs go to a temporary folder, removed at exit).
 
     (The trainer broadcasts rank 0's run dir, so every rank resumes from the same checkpoint.)
     """
     if int(os.environ.get("RANK", "0")) == 0:
         return
+    scratch = tempfile.mkdtemp(prefix=f"cvt-train-rank{os.environ['RANK']}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none",
-                 "hydra.run.dir=.", "hydra.sweep.dir=."]
+                 "hydra.run.dir=.", f"hydra.sweep.dir={scratch}"]

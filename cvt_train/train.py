@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .cli import friendly_errors, prepare_distributed_argv
+from .cli import check_overrides, friendly_errors, prepare_distributed_argv
 from .engine.distributed import cleanup
 
 
@@ -22,6 +24,8 @@ def run(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # one report is enough
+        check_overrides("train")
     prepare_distributed_argv()
     run()
 

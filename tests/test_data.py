@@ -16,9 +16,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torchvision.transforms import v2
 
-from cvt_train.data import build_data
-from cvt_train.data.transforms import batch_crop_flip
+from cvt_train.data import aug_config, build_data
+from cvt_train.data.transforms import NoisyRandAugment, batch_crop_flip, photometric
 from cvt_train.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -290,6 +291,85 @@ def test_batched_crop_flip_matches_reference():
         ref = padded[i, :, oy[i]:oy[i] + 8, ox[i]:ox[i] + 8]
         assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref)
     assert torch.equal(batch_crop_flip(x, 0, 1.0, g), x.flip(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RandAugment magnitude noise (timm's mstd)
+
+
+def test_randaugment_std_zero_is_plain_and_presets():
+    mean = (0.5, 0.5, 0.5)
+    plain = photometric(aug_config(OmegaConf.create({"auto_augment": "randaugment"})), mean)
+    assert len(plain) == 1 and type(plain[0]) is v2.RandAugment  # std 0 (default): torchvision's, unchanged
+    assert (plain[0].num_ops, plain[0].magnitude, plain[0].num_magnitude_bins) == (2, 9, 11)
+    a = aug_config(OmegaConf.load(CONF / "aug" / "imagenet.yaml"))
+    assert a.randaugment_magnitude_std == 0.5
+    (t,) = photometric(a, mean)
+    assert type(t) is NoisyRandAugment and (t.total_ops, t.magnitude_mean, t.magnitude_std) == (2, 9.0, 0.5)
+    assert (t.num_ops, t.magnitude, t.num_magnitude_bins) == (1, 90, 101)  # 9 of 11 bins == 90 of 101
+    for name in ("cifar", "digits", "none"):
+        assert aug_config(OmegaConf.load(CONF / "aug" / f"{name}.yaml")).randaugment_magnitude_std == 0.0
+
+
+def test_randaugment_noise_draws_clipped_magnitudes(monkeypatch):
+    seen = []
+    parent = v2.RandAugment.forward
+
+    def record(self, *inputs):
+        seen.append(self.magnitude)
+        return parent(self, *inputs)
+
+    monkeypatch.setattr(v2.RandAugment, "forward", record)
+    x = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
+    torch.manual_seed(0)
+    t = NoisyRandAugment(2, 9, 11, 0.5)
+    for _ in range(400):
+        assert t(x).shape == x.shape
+    m = torch.tensor(seen, dtype=torch.float64) / 10  # fine index -> 0..10 scale
+    assert len(seen) == 800 and len(set(seen)) >= 10 and 0 <= m.min() and m.max() <= 10
+    assert abs(float(m.mean()) - 9) < 0.1 and 0.35 < float(m.std()) < 0.6
+    seen.clear()
+    t = NoisyRandAugment(1, 5, 11, 10.0)  # wide: both ends clip
+    for _ in range(200):
+        t(x)
+    assert min(seen) == 0 and max(seen) == 100 and len(seen) == 200
+    seen.clear()
+    t = NoisyRandAugment(2, 9, 11, 0.5, prob=0.5)  # timm's per-op probability: about half the ops run
+    for _ in range(400):
+        t(x)
+    assert 340 < len(seen) < 460
+
+
+def test_randaugment_noise_matches_fixed_mapping_and_is_deterministic():
+    x = torch.randint(0, 256, (3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    noisy = NoisyRandAugment(1, 9, 11, 1e-9, interpolation="bilinear", fill=[128] * 3)
+    plain = v2.RandAugment(1, 9, 11, interpolation="bilinear", fill=[128] * 3)
+    for seed in range(40):  # a vanishing std is the fixed magnitude 9 of 11 bins (one normal draw ahead)
+        torch.manual_seed(seed)
+        out = noisy(x)
+        torch.manual_seed(seed)
+        torch.randn(())
+        assert (out.int() - plain(x).int()).abs().max() <= 1  # linspace over 101 vs 11 bins: last-bit differences
+    t = NoisyRandAugment(2, 9, 11, 0.5)
+    outs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        outs.append(t(x))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_randaugment_noise_in_memory_batches(cifar_root):
+    ref = all_batches(build_data(heavy_cifar_cfg(cifar_root, aug__randaugment_magnitude_std=0.5)), epoch=1)
+    again = all_batches(build_data(heavy_cifar_cfg(cifar_root, aug__randaugment_magnitude_std=0.5)), epoch=1)
+    assert same(ref, again) and ref[0][0].shape == (8, 3, 32, 32)
+    assert not torch.equal(all_batches(build_data(heavy_cifar_cfg(cifar_root)), epoch=1)[0][0], ref[0][0])
+
+
+@pytest.mark.parametrize("bad", [-0.5, "wide", True, float("nan"), float("inf")])
+def test_randaugment_std_faults(bad):
+    with pytest.raises(UserError, match=r"aug\.randaugment_magnitude_std") as e:
+        aug_config(OmegaConf.create({"auto_augment": "randaugment", "randaugment_magnitude_std": bad}))
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ OFFICIAL_RECIPE = {  # the official training recipe, shared by CvT-13, CvT-21 an
     "aug.crop": "random_resized", "aug.crop_scale": [0.08, 1.0], "aug.crop_ratio": [3 / 4, 4 / 3], "aug.hflip": 0.5,
     "aug.auto_augment": "randaugment", "aug.randaugment_num_ops": 2, "aug.randaugment_magnitude": 9,
     "aug.randaugment_bins": 11,  # m9 on timm's 0..10 scale
+    "aug.randaugment_magnitude_std": 0.5, "aug.randaugment_op_prob": 0.5,  # mstd0.5; timm's per-op probability
     "aug.mixup_alpha": 0.8, "aug.cutmix_alpha": 1.0, "aug.mix_prob": 1.0, "aug.mix_switch_prob": 0.5,
     "aug.random_erasing": 0.25, "aug.label_smoothing": 0.1, "aug.interpolation": "bicubic",
     "aug.eval_crop_ratio": 0.875,  # TEST.CENTER_CROP: resize 256, crop 224

@@ -141,13 +141,17 @@ def test_sweep_writes_every_run_and_a_summary(tmp_path, cifar_py):
 
 
 def test_torchrun_two_processes_match_single_process_eval(tmp_path, cifar_py):
-    run_dir = tmp_path / "ddp"
+    """Run as a (one-job) sweep, which is where rank 1 used to write Hydra's files into the working dir."""
+    sweep = tmp_path / "ddp"
+    run_dir = sweep / "0"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
-           "-m", "cvt_train.train", *FAST, "data=cifar10", f"data.root={cifar_py}", "trainer.epochs=2",
-           "trainer.precision=fp32", "trainer.device=cpu", f"hydra.run.dir={run_dir}"]
+           "-m", "cvt_train.train", "-m", *FAST, "data=cifar10", f"data.root={cifar_py}", "trainer.epochs=2",
+           "trainer.precision=fp32", "trainer.device=cpu", f"hydra.sweep.dir={sweep}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # rank 1 wrote nothing here
+    assert {"0", "multirun.yaml", "summary.md", "summary.csv"} <= {p.name for p in sweep.iterdir()}
     log = (run_dir / "train.log").read_text()
     assert "(identical)" in log, log[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

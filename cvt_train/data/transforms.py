@@ -12,6 +12,7 @@ official CvT recipe uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -41,6 +42,8 @@ class AugConfig:
     randaugment_num_ops: int = 2
     randaugment_magnitude: int = 9
     randaugment_bins: int = 11         # 11 bins: magnitude 9 = 0.9 of each op's range, as timm's m9 (imagenet.yaml)
+    randaugment_magnitude_std: float = 0.0  # > 0: each op's magnitude ~ N(magnitude, std), clipped (timm's mstd)
+    randaugment_op_prob: float = 1.0   # each chosen op is applied with this probability (timm: 0.5; torchvision: 1)
     color_jitter: float = 0.0          # brightness = contrast = saturation; only when auto_augment is null (timm)
     random_erasing: float = 0.0        # probability; erased pixels get per-pixel normal noise (timm's "pixel" mode)
     mixup_alpha: float = 0.0
@@ -98,7 +101,7 @@ def aug_config(acfg: Any) -> AugConfig:
         raise UserError(f"aug.auto_augment={a.auto_augment!r}: choose null, randaugment or trivialaugment")
     if a.interpolation not in INTERPOLATIONS:
         raise UserError(f"aug.interpolation={a.interpolation!r}: choose one of {list(INTERPOLATIONS)}")
-    for key in ("hflip", "random_erasing", "mix_prob", "mix_switch_prob"):
+    for key in ("hflip", "random_erasing", "mix_prob", "mix_switch_prob", "randaugment_op_prob"):
         if not 0.0 <= getattr(a, key) <= 1.0:
             raise UserError(f"aug.{key}={getattr(a, key)}: must be a probability in [0, 1]")
     for key in ("mixup_alpha", "cutmix_alpha", "color_jitter", "crop_padding"):
@@ -108,6 +111,8 @@ def aug_config(acfg: Any) -> AugConfig:
         raise UserError(f"aug.label_smoothing={a.label_smoothing}: must be in [0, 1)")
     if not 0.0 < a.eval_crop_ratio <= 1.0:
         raise UserError(f"aug.eval_crop_ratio={a.eval_crop_ratio}: must be in (0, 1]")
+    if not (0.0 <= a.randaugment_magnitude_std and math.isfinite(a.randaugment_magnitude_std)):
+        raise UserError(f"aug.randaugment_magnitude_std={a.randaugment_magnitude_std}: must be a finite number >= 0")
     if a.randaugment_bins < 2 or not 0 <= a.randaugment_magnitude < a.randaugment_bins:
         raise UserError(f"aug.randaugment_magnitude={a.randaugment_magnitude}: must be in 0..randaugment_bins-1 "
                         f"({a.randaugment_bins - 1})")
@@ -118,14 +123,45 @@ def aug_config(acfg: Any) -> AugConfig:
 # per-sample v2 pipelines
 
 
+class NoisyRandAugment(v2.RandAugment):
+    """v2.RandAugment with a per-op magnitude ~ N(magnitude, std), clipped to 0..num_bins-1 (timm's magnitude_std),
+    each op applied with probability `prob` (timm's 0.5).
+
+    The parent runs one op per call on a 10x finer grid, so magnitude m maps to index round(10 m): the same fraction
+    of each op's range as v2.RandAugment(magnitude=m, num_magnitude_bins=num_bins) for integer m. Draws from torch's
+    global RNG (the loader seeds it per sample)."""
+
+    STEPS = 10  # fine-grid steps per magnitude unit
+
+    def __init__(self, num_ops: int, magnitude: float, num_bins: int, std: float, prob: float = 1.0, **kwargs):
+        super().__init__(1, round(magnitude * self.STEPS), (num_bins - 1) * self.STEPS + 1, **kwargs)
+        self.total_ops, self.magnitude_mean, self.magnitude_std = num_ops, float(magnitude), float(std)
+        self.prob = float(prob)
+        self.magnitude_max = float(num_bins - 1)
+
+    def forward(self, *inputs: Any) -> Any:
+        for _ in range(self.total_ops):
+            if self.prob < 1.0 and float(torch.rand(())) >= self.prob:
+                continue
+            m = self.magnitude_mean + self.magnitude_std * float(torch.randn(()))
+            m = min(max(m, 0.0), self.magnitude_max)
+            self.magnitude = round(m * self.STEPS)
+            out = super().forward(*inputs)
+            inputs = out if len(inputs) > 1 else (out,)
+        return inputs if len(inputs) > 1 else inputs[0]
+
+
 def photometric(a: AugConfig, mean: Sequence[float]) -> list:
     """uint8 -> uint8 per-sample colour/geometry policies: RandAugment / TrivialAugment, or ColorJitter."""
     fill = [round(255 * m) for m in mean]  # timm fills RandAugment's rotate/shear/translate with the mean pixel
     # v2's affine ops on tensors know only nearest / bilinear: bicubic (timm's, through PIL) falls back to bilinear
     interp = InterpolationMode.BILINEAR if a.interp == InterpolationMode.BICUBIC else a.interp
     if a.auto_augment == "randaugment":
-        # torchvision's RandAugment has a fixed magnitude; timm's "mstd0.5" (magnitude ~ N(9, 0.5) per op) has no
-        # v2 counterpart, so the closest is the mean magnitude 9 on timm's 0..10 scale: 11 bins, index 9.
+        # magnitude 9 of 11 bins = timm's m9 on its 0..10 scale; std > 0 adds timm's per-op noise ("mstd0.5")
+        if a.randaugment_magnitude_std > 0 or a.randaugment_op_prob < 1:
+            return [NoisyRandAugment(a.randaugment_num_ops, a.randaugment_magnitude, a.randaugment_bins,
+                                     a.randaugment_magnitude_std, a.randaugment_op_prob, interpolation=interp,
+                                     fill=fill)]
         return [v2.RandAugment(a.randaugment_num_ops, a.randaugment_magnitude, a.randaugment_bins,
                                interpolation=interp, fill=fill)]
     if a.auto_augment == "trivialaugment":

@@ -56,6 +56,23 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Small text files (metrics.json, config.yaml) the same way: a full disk leaves the previous version."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = " ".join(str(e.strerror or e).split())
+        raise UserError(f"{path}: could not write ({reason}); free disk space or fix the output dir's permissions; "
+                        "the checkpoints written so far are intact") from e
+
+
 def _write_error(path: Path, e: OSError) -> UserError:
     reason = " ".join(str(e.strerror or e).split())  # one line, so the advice after it is not cut off
     return UserError(f"{path}: could not write checkpoint ({reason}); free disk space or fix the output "

@@ -42,8 +42,21 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "trainer.device") 
     return device
 
 
+def export_submitit_env() -> bool:
+    """In a submitit job of several tasks (hydra/launcher=submitit_slurm with tasks_per_node or nodes > 1), set the
+    variables torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from SLURM's; returns whether it did."""
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR") or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment  # installed: this process is a submitit job
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # each task picks cuda:LOCAL_RANK itself
+    return True
+
+
 def init_distributed(device_name: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU); else single process."""
+    """Join the process group torchrun (or a multi-task submitit job) describes in the environment (NCCL on GPU,
+    gloo on CPU); else single process."""
+    export_submitit_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)

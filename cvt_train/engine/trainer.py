@@ -32,14 +32,16 @@ from ..flops import count_macs
 from ..models import CvT, model_config, num_params
 from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from .checks import check_config, flatten, resume_mismatch
-from .checkpoint import FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, save_atomic
+from .checkpoint import (FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, save_atomic,
+                         write_text_atomic)
 from .distributed import DistInfo, all_reduce_max, broadcast_object, init_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler, learning_rate, load_optimizer_state
 from .precision import autocast, autocast_dtype
 
 log = logging.getLogger("cvt_train")
-STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
+# SIGUSR1: what `sbatch --signal` sends by convention; SIGUSR2: submitit's preemption / time-out signal.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -63,7 +65,7 @@ def ema_avg_fn(decay: float, warmup: bool):
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGINT / SIGUSR1 into a flag the loop checks after each optimizer step."""
+    """Turns SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 into a flag the loop checks after each optimizer step."""
 
     def __init__(self):
         self.signum = None
@@ -82,6 +84,13 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signum = signum
+
+    def pass_on(self) -> None:
+        """After last.pt is written: hand the signal to the handler that was there before, if Python installed one
+        (submitit's requeues the job; a Hydra launcher's or the user's gets its say)."""
+        previous = self._previous.get(self.signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signum, None)
 
     def requested(self, device: torch.device) -> bool:
         """Whether any rank got a signal (so every rank stops at the same step); adopts its number."""
@@ -208,7 +217,13 @@ class Trainer:
         if dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except OSError as e:
+                raise UserError(f"{self.run_dir}: cannot write the run's files ({e.strerror or e}); free disk space "
+                                "or fix the output dir's permissions") from e
+            write_text_atomic(OmegaConf.to_yaml(self.config_dict), self.run_dir / "config.yaml")  # resolved
             log.info("model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d)",
                      cfg.model.name, n_params / 1e6, cfg.data.name, data.num_train, data.num_val, data.num_classes,
                      lr, global_batch)
@@ -263,6 +278,9 @@ class Trainer:
                     if improved:  # best.pt first: a kill before last.pt is written redoes the epoch and best.pt
                         self.save("best.pt")
                 self.save("last.pt")
+                if p.epoch < tcfg.epochs and stop.requested(self.dist.device):  # it came during the evaluation
+                    self.stopped(stop)
+                    return p.best_top1
         if profiler is not None:
             write_profile(profiler, self.run_dir)
         if self.dist.enabled:
@@ -301,14 +319,20 @@ class Trainer:
                 self.progress.step = step + 1
                 self.save("last.pt")
                 bar.close()
-                if dist.is_main:
-                    log.warning("stopped by signal %s at epoch %d step %d; last.pt written. Resume with: "
-                                "cvt-train <same overrides> hydra.run.dir=%s trainer.resume=auto",
-                                stop.signum, epoch + 1, step + 1, self.run_dir)
+                self.stopped(stop)
                 return None
         bar.close()
         self.train_loss = loss_sum / max(1, batches_done)
         return seen, time.perf_counter() - t0
+
+    def stopped(self, stop: StopRequest) -> None:
+        """last.pt is written where the run stopped: say how to resume, then let an earlier handler have the signal."""
+        p = self.progress
+        if self.dist.is_main:
+            log.warning("stopped by signal %s at epoch %d step %d; last.pt written. Resume with: "
+                        "cvt-train <same overrides> hydra.run.dir=%s trainer.resume=auto",
+                        stop.signum, p.epoch + 1, p.step, self.run_dir)
+        stop.pass_on()
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> tuple[float, bool]:
         """Forward and backward of one batch, and the optimizer step at the end of an accumulation window; returns
@@ -368,7 +392,7 @@ class Trainer:
                 if key in metrics:
                     self.writer.add_scalar(f"val/{key}", metrics[key], p.epoch)
             self.writer.add_scalar("train/epoch_time_s", seconds, p.epoch)
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_text_atomic(json.dumps(metrics, indent=2), self.run_dir / "metrics.json")
         return improved
 
     # ------------------------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,122 @@
+"""Entry points before and around training: overrides checked before Hydra starts, output dirs, signals handed on
+to a cluster's handler (submitit), SLURM's variables, the resolved config in the run dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_module
+
+from cvt_train.engine import distributed
+from cvt_train.engine import trainer as trainer_module
+from fakedata import write_cifar10_python
+
+BASE = ["model=cvt_cifar_tiny", "data=cifar10", "trainer.progress=false", "trainer.precision=fp32",
+        "data.batch_size=50", "optim.lr=2e-3", "sched.warmup_epochs=0", "trainer.epochs=2", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> Path:
+    return write_cifar10_python(tmp_path_factory.mktemp("cifar"), n_train=300, n_test=100)
+
+
+def cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CVT_DEBUG")}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("cvt_train.train", ["trainer.epoch=3"], "Could not override 'trainer.epoch'"),
+    ("cvt_train.train", ["data=cifar11"], "Available options in 'data': cifar10, cifar100, digits"),
+    ("cvt_train.train", ["-m", "model=cvt13,cvt99"], "Could not find 'model/cvt99'"),  # a later sweep value
+    ("cvt_train.eval", ["ckpt=x.pt", "eval.splitt=val"], "Could not override 'eval.splitt'"),
+    ("cvt_train.bench", ["bench.stepz=3"], "Could not override 'bench.stepz'"),
+])
+def test_bad_override_is_one_line_before_anything_runs(module, args, expected, tmp_path):
+    result = cli(module, args, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no run dir, no log
+
+
+def test_run_dir_that_cannot_be_written_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = cli("cvt_train.train", ["experiment=quickstart", f"hydra.run.dir={blocker}/run"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: hydra.run.dir={blocker}/run: {blocker} is a file, not a folder; set "
+                                     "hydra.run.dir to a folder you can write")
+
+
+def compose_train(args: list[str]):
+    with initialize_config_module("cvt_train.conf", version_base="1.3"):
+        return compose("train", overrides=args)
+
+
+def test_signal_is_handed_on_after_last_pt(cifar, tmp_path, monkeypatch):
+    """submitit (hydra/launcher=submitit_slurm) sends SIGUSR2 before a time limit and requeues the job from its own
+    handler: the trainer must first finish the step and write last.pt, then call that handler."""
+    calls = []
+
+    def cluster_handler(signum, frame):  # stands for submitit's requeue-and-exit
+        calls.append((signum, (tmp_path / "run" / "last.pt").is_file()))
+
+    previous = signal.signal(signal.SIGUSR2, cluster_handler)
+    real_step = trainer_module.Trainer.train_step
+
+    def step_then_signal(self, images, targets, epoch, step):
+        out = real_step(self, images, targets, epoch, step)
+        if epoch == 0 and step == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_signal)
+    try:
+        trainer_module.train(compose_train([*BASE, f"data.root={cifar}"]), tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [(signal.SIGUSR2, True)]
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 3)
+    assert signal.getsignal(signal.SIGUSR2) is previous  # restored after the run
+
+
+def test_run_dir_holds_the_resolved_config(cifar, tmp_path):
+    trainer_module.train(compose_train([*BASE, f"data.root={cifar}", "trainer.epochs=1"]), tmp_path)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "${" not in text
+    assert yaml.safe_load(text)["model"]["num_classes"] == 10  # ${data.num_classes} in the model config
+
+
+def test_submitit_tasks_become_torchrun_ranks(monkeypatch):
+    """A submitit job of several tasks: torchrun's variables come from submitit's helper, GPUs left visible."""
+    exported = []
+
+    class FakeEnvironment:
+        def export(self, set_cuda_visible_devices=True):
+            exported.append(set_cuda_visible_devices)
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                monkeypatch.setenv(key, "0")
+
+    helpers = types.ModuleType("submitit.helpers")
+    helpers.TorchDistributedEnvironment = FakeEnvironment
+    monkeypatch.setitem(sys.modules, "submitit", types.ModuleType("submitit"))
+    monkeypatch.setitem(sys.modules, "submitit.helpers", helpers)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not distributed.export_submitit_env()  # one task: nothing to set up
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert distributed.export_submitit_env() and exported == [False]
+    assert not distributed.export_submitit_env()  # RANK is set now (as under torchrun): left alone
