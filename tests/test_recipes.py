@@ -144,3 +144,23 @@ def test_ablation_sweeps_build_one_distinct_model_per_job(name, jobs):
     if name == "kv_stride":  # paper Table 7: k/v stride 2 saves about a quarter of the FLOPs
         (stride1,), (stride2,) = ([m for v, m in zip(variants, macs) if f"[{s},{s},{s}]" in v[0]] for s in (1, 2))
         assert 0.2 < 1 - stride2 / stride1 < 0.3
+
+
+def test_quickstart_trains_and_evaluates_offline(tmp_path):
+    """The README's first command, as a user runs it: the embedded digits, far above chance, and cvt-eval of
+    best.pt gives the best validation top-1 the run reported."""
+    import subprocess
+    import sys
+
+    def cli(module, *args):
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=900)
+
+    trained = cli("cvt_train.train", "experiment=quickstart", "trainer.progress=false")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = tmp_path / "outputs" / "quickstart"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_top1"] > 90 and metrics["epoch"] == 15  # 10 classes: chance is 10%
+    evaluated = cli("cvt_train.eval", f"ckpt={run / 'best.pt'}", "eval.progress=false")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["top1"] == metrics["best_top1"]
