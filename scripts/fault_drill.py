@@ -116,7 +116,7 @@ def differences(run_dir: Path, reference: Path) -> list[str]:
 
 def drill(i: int, args: list[str], run_dir: Path, reference: Path, span: float, rng: random.Random,
           max_kills: int, signals: list[str]) -> bool:
-    kills, notes = rng.randint(1, max_kills), []
+    kills, notes, unclean = rng.randint(1, max_kills), [], []
     for _ in range(kills):
         before = started_count(run_dir)
         proc = start(args, run_dir)
@@ -135,9 +135,11 @@ def drill(i: int, args: list[str], run_dir: Path, reference: Path, span: float, 
         if name == "KILL" and group is False:
             time.sleep(0.1)  # orphaned DataLoader workers notice their parent is gone and exit on their own
         notes.append(f"SIG{name} to {'group' if group else 'trainer'} at +{delay:.2f}s (exit {code}): {state(run_dir)}")
+        if name != "KILL" and code != 0:  # a stop signal must end in a clean exit with last.pt written
+            unclean.append(f"SIG{name} exit {code}")
     proc = start(args, run_dir)
     code = proc.wait()
-    diff = differences(run_dir, reference) if code == 0 else [f"final run exit {code}"]
+    diff = unclean + (differences(run_dir, reference) if code == 0 else [f"final run exit {code}"])
     print(f"run {i}: " + "; ".join(notes))
     print(f"       -> {'IDENTICAL' if not diff else 'DIFFERENT: ' + ', '.join(diff[:5])}", flush=True)
     return not diff

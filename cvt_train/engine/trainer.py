@@ -208,6 +208,7 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
         self.nonfinite = 0  # consecutive steps with a non-finite loss
         self.train_loss = float("nan")  # mean over the last epoch
+        self.data_wait = 0.0  # fraction of the last epoch spent waiting for the data loader
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
         n_params = num_params(model)
         self.run_info = {"params": n_params,
@@ -294,13 +295,16 @@ class Trainer:
         tcfg, dist = self.cfg.trainer, self.dist
         self.train_model.train()
         t0, seen, loss_sum, batches_done = time.perf_counter(), 0, 0.0, 0
+        waited, ready = 0.0, t0  # seconds blocked on the data loader; when the last step ended
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
                    disable=not (dist.is_main and tcfg.progress), dynamic_ncols=True, leave=False, mininterval=1.0)
         batches = self.data.train_batches(epoch, start_step=first)
         for step, (images, targets) in enumerate(batches, start=first):
+            waited += time.perf_counter() - ready  # ~0 while the loader keeps ahead of the model
             if step >= self.steps_per_epoch:
                 break
             loss, stepped = self.train_step(images, targets, epoch, step)
+            ready = time.perf_counter()
             seen += images.shape[0]
             if math.isfinite(loss):
                 loss_sum, batches_done = loss_sum + loss, batches_done + 1
@@ -308,9 +312,10 @@ class Trainer:
                 continue
             if profiler is not None:
                 profiler.step()
-            ips = seen * dist.world_size / (time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            ips = seen * dist.world_size / elapsed
             lr = self.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", data_wait=f"{waited / elapsed:.0%}")
             bar.update(tcfg.accum_steps)
             if self.writer is not None and self.progress.global_step % tcfg.log_every == 0:
                 for name, value in (("loss", loss), ("lr", lr), ("images_per_s", ips)):
@@ -323,7 +328,9 @@ class Trainer:
                 return None
         bar.close()
         self.train_loss = loss_sum / max(1, batches_done)
-        return seen, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.data_wait = waited / max(seconds, 1e-9)
+        return seen, seconds
 
     def stopped(self, stop: StopRequest) -> None:
         """last.pt is written where the run stopped: say how to resume, then let an earlier handler have the signal."""
@@ -380,18 +387,22 @@ class Trainer:
         images_per_s = seen * dist.world_size / max(seconds, 1e-9)
         metrics = run_evaluation(self.model, self.ema, self.data, dist, self.amp_dtype, tcfg.progress, p.epoch)
         metrics.update(epoch=p.epoch, **self.run_info, wall_time_s=time.perf_counter() - self.wall_start,
-                       images_per_s=images_per_s)
+                       images_per_s=images_per_s, data_wait=self.data_wait)
+        if self.data.skipped:  # data.skip_corrupt=true: how many unreadable images were left out so far
+            metrics["skipped_images"] = len(self.data.skipped)
         improved = metrics["top1"] > p.best_top1
         p.best_top1 = metrics["best_top1"] = max(p.best_top1, metrics["top1"])
         p.metrics = metrics
         if dist.is_main:
-            log.info("epoch %d/%d: train loss %.4f | val top1 %.2f top5 %.2f loss %.4f%s | %.0f img/s",
-                     p.epoch, tcfg.epochs, self.train_loss, metrics["top1"], metrics["top5"], metrics["loss"],
-                     f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "", images_per_s)
+            log.info("epoch %d/%d: train loss %.4f | val top1 %.2f top5 %.2f loss %.4f%s | %.0f img/s, %.0f%% of the "
+                     "time waiting for data", p.epoch, tcfg.epochs, self.train_loss, metrics["top1"], metrics["top5"],
+                     metrics["loss"], f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "",
+                     images_per_s, 100 * self.data_wait)
             for key in ("top1", "top5", "loss", "ema_top1", "ema_top5"):
                 if key in metrics:
                     self.writer.add_scalar(f"val/{key}", metrics[key], p.epoch)
             self.writer.add_scalar("train/epoch_time_s", seconds, p.epoch)
+            self.writer.add_scalar("train/data_wait", self.data_wait, p.epoch)  # fraction of the epoch
             write_text_atomic(json.dumps(metrics, indent=2), self.run_dir / "metrics.json")
         return improved
 
