@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .cli import friendly_errors
+from .cli import check_overrides, friendly_errors
 from .errors import UserError
 from .flops import count_macs
 from .models import CvT, model_config, num_params
@@ -33,17 +34,74 @@ def is_own_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj
 
 
+# OmegaConf's grammar (omegaconf/grammar, `ESC_INTER` / `TOP_ESC`): before `${`, 2n+1 backslashes read as n
+# backslashes and a literal `${`, but 2n backslashes read as n backslashes followed by a LIVE interpolation.
+# Backslashes anywhere else are literal. So a run of k backslashes before `${` is written as 2k+1.
+_BACKSLASHES_BEFORE_INTERPOLATION = re.compile(r"(\\*)\$\{")
+
+
+def escape_interpolations(text: str) -> str:
+    """`text` as an OmegaConf string value that reads back as exactly `text`: no interpolation, no resolver."""
+    return _BACKSLASHES_BEFORE_INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", text)
+
+
+def _holds_interpolation(tree: Any) -> bool:
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, OmegaConfGrammarParser.InterpolationContext):
+            return True
+        stack.extend(node.getChild(i) for i in range(node.getChildCount()))
+    return False
+
+
+def _inert_string(text: str) -> str:
+    """escape_interpolations(text), checked with OmegaConf's own parser: a string that would still hold a live
+    interpolation (an OmegaConf whose grammar changed) is refused rather than resolved."""
+    escaped = escape_interpolations(text)
+    if "${" not in escaped:  # OmegaConf parses only strings that contain `${`: the others are plain text
+        return escaped
+    from omegaconf.errors import GrammarParseError
+    from omegaconf.grammar_parser import parse
+
+    try:
+        live = _holds_interpolation(parse(escaped))
+    except GrammarParseError:  # OmegaConf could not read it back as text either
+        live = True
+    if live:
+        raise UserError(f"checkpoint config holds the string {text[:80]!r}, which could not be made inert "
+                        "(plain text) for OmegaConf; refusing it")
+    return escaped
+
+
 def as_plain_data(value: Any) -> Any:
-    """A stored config as inert data: `${...}` in strings is escaped, so OmegaConf never resolves anything from it."""
+    """A stored config as inert data for OmegaConf: every string reads back as exactly the stored text (`${`,
+    with or without backslashes before it, is escaped), so OmegaConf never resolves anything from it. Anything
+    but dicts, lists, strings, numbers, booleans and None is refused."""
     if isinstance(value, dict):
         return {str(k): as_plain_data(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [as_plain_data(v) for v in value]
     if isinstance(value, str):
-        return value.replace("${", "\\${")
+        return _inert_string(value)
     if value is None or isinstance(value, (int, float, bool)):
         return value
     raise UserError(f"checkpoint config holds a {type(value).__name__}, not plain data; refusing it")
+
+
+def stored_config(obj: dict, source: Any) -> DictConfig:
+    """The config stored in one of our checkpoints, as a DictConfig whose every value reads back as stored."""
+    try:
+        config = as_plain_data(obj["config"])
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from e
+    for group in GROUPS:
+        if group in config and not isinstance(config[group], dict):
+            raise UserError(f"{source}: the stored config's {group!r} entry is a {type(config[group]).__name__}, "
+                            "not a mapping; not a checkpoint this package wrote")
+    return OmegaConf.create(config)
 
 
 def load_model(path: str | Path, use_ema: bool = False) -> CvT:
@@ -52,7 +110,11 @@ def load_model(path: str | Path, use_ema: bool = False) -> CvT:
     if not is_own_checkpoint(obj):
         raise UserError(f"{path}: not a cvt-train checkpoint; for official / HF weights build the model with "
                         "create_model(...) and call load_checkpoint(model, path)")
-    model = CvT(model_config(as_plain_data(obj["config"])["model"]))
+    config = stored_config(obj, path)
+    if "model" not in config:
+        raise UserError(f"{path}: the stored config has no 'model' entry; build the model with create_model(...) "
+                        "and call load_checkpoint(model, path)")
+    model = CvT(model_config(config.model))
     load_checkpoint(model, obj, use_ema=use_ema)
     return model.eval()
 
@@ -73,7 +135,7 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
     """The config to evaluate with: the checkpoint's own (for our checkpoints) under the user's overrides."""
     groups, keys = _user_overrides()
     if is_own_checkpoint(obj):
-        stored = as_plain_data(obj["config"])
+        stored = stored_config(obj, f"ckpt={cfg.ckpt}")
         out = OmegaConf.create({g: stored[g] for g in GROUPS if g in stored})
         for g in GROUPS:
             if g in groups or g not in out:
@@ -98,6 +160,7 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
 
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     from .data import build_data
+    from .engine.checks import check_scalar, check_scalars
     from .engine.distributed import resolve_device
     from .engine.evaluate import evaluate
     from .engine.precision import autocast, autocast_dtype, check_precision, precision_name
@@ -105,8 +168,13 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.eval.split not in SPLITS:
         raise UserError(f"eval.split: unknown split {cfg.eval.split!r}; choose one of {list(SPLITS)}")
     check_precision(cfg.trainer.precision)
+    for key in ("eval.resolution", "eval.batch_size"):
+        check_scalar(cfg, key, int, 1, nullable=True)
+    for key in ("eval.ema", "eval.progress"):
+        check_scalar(cfg, key, bool, None)
     obj = read_file(cfg.ckpt)
     ecfg = eval_config(cfg, obj)
+    check_scalars(ecfg, prefix="data.", missing_ok=True)  # one line before any data is read; absent keys: older configs
     mc = model_config(ecfg.model)
     sd = extract_state_dict(obj, use_ema=cfg.eval.ema, source=str(cfg.ckpt))
     classes = head_classes(sd)
@@ -154,6 +222,7 @@ def run(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    check_overrides("eval")
     run()
 
 

@@ -120,3 +120,22 @@ def test_submitit_tasks_become_torchrun_ranks(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     assert distributed.export_submitit_env() and exported == [False]
     assert not distributed.export_submitit_env()  # RANK is set now (as under torchrun): left alone
+
+
+@pytest.mark.parametrize("module, app", [("cvt_train.train", "cvt-train"), ("cvt_train.eval", "cvt-eval"),
+                                         ("cvt_train.bench", "cvt-bench")])
+def test_help_names_the_app_and_lists_the_groups(module, app, tmp_path):
+    result = cli(module, ["--help"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"{app}: ") and "== Configuration groups ==" in result.stdout
+    assert "model: cvt13, cvt13_cifar, cvt21" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path):
+    result = cli("cvt_train.train", ["model=cvt21", "model.stages.0.patch_stride=2", "--cfg", "job"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["model"]["name"] == "cvt21" and cfg["model"]["stages"][0]["patch_stride"] == 2
+    assert [len(cfg["model"]["stages"]), cfg["model"]["stages"][2]["depth"]] == [3, 16]
+    assert list(tmp_path.iterdir()) == []

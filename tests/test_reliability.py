@@ -271,29 +271,88 @@ def test_hostile_pickle_refused_and_runs_nothing(cifar, tmp_path, monkeypatch, c
     assert not marker.exists() and not (tmp_path / "t" / "last.pt").exists()
 
 
-def test_stored_config_is_data_never_evaluated(reference, tmp_path, monkeypatch, capsys):
-    """A checkpoint whose config holds `_target_`, `${oc.env:...}` and a call of a registered resolver: cvt-eval
-    evaluates it with none of them instantiated or resolved."""
+# Stored strings with 0 to 3 backslashes before `${` (an even number used to leave the interpolation live after
+# escaping), stray backslashes elsewhere, and text that only looks like an interpolation.
+BACKSLASHED = ["${oc.env:CVT_TEST_SECRET}", "\\${oc.env:CVT_TEST_SECRET}", "\\\\${cvt_test_touch:2}",
+               "\\\\\\${cvt_test_touch:3}", "a\\b\\${cvt_test_touch:4}\\", "\\$\\{x}\\", "$${cvt_test_touch:5}",
+               "\\${a}\\\\${oc.env:CVT_TEST_SECRET}${b}", "${unclosed", "x\\\\", "\\"]
+
+
+def register_touch_resolver(tmp_path: Path, monkeypatch) -> Path:
+    """A resolver that creates MARKER when called, and CVT_TEST_SECRET in the environment; returns MARKER."""
     from omegaconf import OmegaConf
 
     marker = tmp_path / "resolver-was-called"
     OmegaConf.register_new_resolver("cvt_test_touch", lambda *_: marker.touch() or "x", replace=True)
     monkeypatch.setenv("CVT_TEST_SECRET", "leaked")
+    return marker
+
+
+@pytest.mark.parametrize("text", BACKSLASHED)
+def test_stored_string_reads_back_exactly(text, tmp_path, monkeypatch):
+    """as_plain_data against OmegaConf's own grammar: each string, alone, in a list and copied into another
+    config (as eval_config does), reads back as exactly the stored text, and no resolver runs."""
+    from omegaconf import OmegaConf
+
+    marker = register_touch_resolver(tmp_path, monkeypatch)
+    cfg = OmegaConf.create(eval_module.as_plain_data({"v": text, "l": [text, {"v": text}]}))
+    copy = OmegaConf.create({"g": cfg})
+    assert [cfg.v, cfg.l[0], cfg.l[1].v, copy.g.v] == [text] * 4
+    assert OmegaConf.to_container(copy, resolve=True) == {"g": {"v": text, "l": [text, {"v": text}]}}
+    assert not marker.exists()
+
+
+def test_stored_string_left_live_is_refused(monkeypatch):
+    """Defence in depth: were the escaping ever wrong (here: switched off), OmegaConf's parser still finds the live
+    interpolation and the checkpoint is refused instead of resolved."""
+    monkeypatch.setattr(eval_module, "escape_interpolations", lambda text: text)
+    with pytest.raises(UserError, match=r"could not be made inert"):
+        eval_module.as_plain_data({"name": "\\\\${oc.env:CVT_TEST_SECRET}"})
+    assert eval_module.as_plain_data({"name": "no interpolation \\"}) == {"name": "no interpolation \\"}
+
+
+def test_stored_config_is_data_never_evaluated(cifar, reference, tmp_path, monkeypatch, capsys):
+    """A checkpoint whose config holds `_target_`, `${oc.env:...}` and calls of a registered resolver, with 0 to 3
+    backslashes before `${`: cvt-eval and load_model use it with none of them instantiated or resolved, every value
+    reads back as the stored text, and trainer.resume reads it as plain data too."""
+    import cvt_train.data
+
+    marker = register_touch_resolver(tmp_path, monkeypatch)
     ckpt = load(reference / "last.pt")
-    ckpt["config"]["model"]["name"] = "${oc.env:CVT_TEST_SECRET}"
-    ckpt["config"]["data"]["note"] = "${cvt_test_touch:1}"  # the data module reads every data key
+    name = "\\${oc.env:CVT_TEST_SECRET}"  # before the fix: "\\leaked"
+    ckpt["config"]["model"]["name"] = name
+    notes = {f"note{i}": text for i, text in enumerate(BACKSLASHED)}
+    ckpt["config"]["data"].update(notes)  # the data module reads every data key
     ckpt["config"]["data"]["_target_"] = "os.system"
     ckpt["config"]["data"]["_args_"] = [f"touch {marker}"]
     ckpt["config"]["_target_"] = "os.system"
     torch.save(ckpt, tmp_path / "crafted.pt")
+
+    seen = {}
+    real_build_data = cvt_train.data.build_data
+
+    def build_data(cfg, *args, **kwargs):  # what the data module is given
+        seen.update({key: cfg.data[key] for key in notes})
+        return real_build_data(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(cvt_train.data, "build_data", build_data)
     code, err = run_entry(eval_module, [f"ckpt={tmp_path / 'crafted.pt'}", "eval.progress=false",
                                         "trainer.precision=fp32", f"hydra.run.dir={tmp_path / 'eval'}"],
                           monkeypatch, capsys)
     assert code == 0, err
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["model"] == "${oc.env:CVT_TEST_SECRET}"  # the text, not the environment variable
+    assert result["model"] == name  # the text, not the environment variable
+    assert seen == notes
     assert result["top1"] == json.loads((reference / "metrics.json").read_text())["top1"]
+    assert eval_module.load_model(tmp_path / "crafted.pt").cfg.name == name
     assert not marker.exists()
+
+    # trainer.resume: the stored config is only read (as a plain dict) to name what differs from this run
+    code, err = run_entry(train_module, [*overrides(cifar), "model.stages.2.depth=1",
+                                         f"trainer.resume={tmp_path / 'crafted.pt'}",
+                                         f"hydra.run.dir={tmp_path / 'resumed'}"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "does not fit this run", f"model.name={name!r} (now 'cvt_cifar_tiny')")
+    assert "leaked" not in err and not marker.exists()
 
 
 def broken_files(reference: Path, folder: Path) -> dict[str, tuple[Path, str]]:
@@ -370,6 +429,18 @@ def test_debug_flag_shows_the_traceback(cifar, tmp_path, monkeypatch, capsys):
     (["model.stages.1.num_heads=3"], "model.stages.1.num_heads"),
     (["trainer.resume=/no/such/last.pt"], "trainer.resume: /no/such/last.pt does not exist"),
     (["data=folder"], "data.num_classes is not set; set data.num_classes="),  # `???` in data/folder.yaml
+    # before: ValueError / TypeError tracebacks, silently accepted values, or an error only after the data was read
+    (["data.val_split=abc"], "data.val_split='abc': expected a number in [0, 1) or null (0 validates on the"),
+    (["data.val_split=1"], "data.val_split=1: expected a number in [0, 1)"),
+    (["optim.betas=abc"], "optim.betas='abc': expected two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9]: expected two numbers in [0, 1)"),
+    (["optim=sgd", "optim.momentum=abc"], "optim.momentum='abc': expected a number >= 0"),
+    (["optim=sgd", "optim.momentum=0"], "optim.nesterov=true needs optim.momentum > 0"),
+    (["trainer.profile=maybe"], "trainer.profile='maybe': expected true or false"),
+    (["data.skip_corrupt=maybe"], "data.skip_corrupt='maybe': expected true or false"),
+    (["trainer.ema.decay=5"], "trainer.ema.decay=5: expected a number in [0, 1) (e.g. 0.9998"),
+    (["sched.name=foo"], "sched.name='foo': unknown schedule; choose one of cosine, constant (e.g. sched=cosine)"),
+    (["optim.name=bar"], "optim.name='bar': unknown optimizer; choose one of adamw, sgd (e.g. optim=adamw)"),
 ])
 def test_bad_override_one_line_naming_the_key(args, expected, tmp_path, monkeypatch, capsys):
     # data.root does not exist: an error about it would mean data was read before the config was checked
@@ -379,6 +450,19 @@ def test_bad_override_one_line_naming_the_key(args, expected, tmp_path, monkeypa
                           monkeypatch, capsys)
     assert_one_line_error(code, err, expected)
     assert not (run / "last.pt").exists() and not (run / "tb").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["data.val_split=abc"], "data.val_split='abc': expected a number in [0, 1) or null"),
+    (["data.skip_corrupt=maybe"], "data.skip_corrupt='maybe': expected true or false"),
+    (["eval.batch_size=abc"], "eval.batch_size='abc': expected an integer >= 1 or null"),
+])
+def test_eval_bad_override_one_line_naming_the_key(args, expected, reference, tmp_path, monkeypatch, capsys):
+    """cvt-eval checks the data keys of the config it evaluates with (the checkpoint's, under the overrides)."""
+    code, err = run_entry(eval_module, [f"ckpt={reference / 'last.pt'}", f"data.root={tmp_path / 'no-data'}", *args,
+                                        f"hydra.run.dir={tmp_path / 'eval'}"], monkeypatch, capsys)
+    assert_one_line_error(code, err, expected)
+    assert not (tmp_path / "eval" / "eval.json").exists()
 
 
 def test_unknown_key_is_hydras_strict_error(tmp_path, monkeypatch, capsys):
