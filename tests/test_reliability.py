@@ -108,9 +108,10 @@ def reference(cifar, tmp_path_factory) -> Path:
 # SIGKILL at exact moments, then trainer.resume=auto
 
 
-def test_sigkill_during_epoch_and_checkpoint_writes_then_resume(cifar, reference, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_during_epoch_and_checkpoint_writes_then_resume(cifar, reference, tmp_path, workers):
     """Three kills in one run: mid-epoch 2, inside the write of best.pt, inside the final write of last.pt."""
-    run, args = tmp_path / "run", overrides(cifar)
+    run, args = tmp_path / "run", overrides(cifar, workers)
     resume = [*args, "trainer.resume=auto"]
 
     code, out = train_cli(args, run, fault="step:8")  # epoch 2, step 2 (6 steps per epoch)
@@ -134,8 +135,9 @@ def test_sigkill_during_epoch_and_checkpoint_writes_then_resume(cifar, reference
     assert_same_run(run, reference)
 
 
-def test_sigkill_during_evaluation_with_workers_then_resume(cifar, reference, tmp_path):
-    run, args = tmp_path / "run", overrides(cifar, 2)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_during_evaluation_then_resume(cifar, reference, tmp_path, workers):
+    run, args = tmp_path / "run", overrides(cifar, workers)
     code, out = train_cli(args, run, fault="eval:2")
     assert code == -signal.SIGKILL, out[-3000:]
     assert load(run / "last.pt")["epoch"] == 1
@@ -144,9 +146,11 @@ def test_sigkill_during_evaluation_with_workers_then_resume(cifar, reference, tm
     assert_same_run(run, reference)
 
 
-def test_sigterm_to_process_group_checkpoints_and_resumes(cifar, reference, tmp_path):
-    """SIGTERM to the trainer and its DataLoader workers at once (SLURM preemption, scancel): the current step
-    finishes, last.pt is written with its step, exit code 0, and the resumed run ends identical."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["TERM", "INT", "USR1"])
+def test_stop_signal_to_process_group_checkpoints_and_resumes(cifar, reference, tmp_path, sig):
+    """A stop signal to the trainer and its DataLoader workers at once (SIGTERM: SLURM preemption, scancel; SIGINT:
+    Ctrl-C in a terminal; SIGUSR1: sbatch --signal): the current step finishes, last.pt is written with its step,
+    exit code 0, and the resumed run ends identical."""
     run, args = tmp_path / "run", overrides(cifar, 2)
     proc = start_training(args, run)
     log = run / "train.log"
@@ -155,11 +159,11 @@ def test_sigterm_to_process_group_checkpoints_and_resumes(cifar, reference, tmp_
         assert proc.poll() is None and time.monotonic() < deadline, Path(f"{run}.out").read_text()[-3000:]
         time.sleep(0.05)
     time.sleep(0.3)  # into epoch 1 (an epoch takes about a second)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     code = proc.wait(timeout=120)
     out = Path(f"{run}.out").read_text()
     assert code == 0, out[-3000:]
-    assert "stopped by signal 15" in out and "trainer.resume=auto" in out and str(run) in out, out[-3000:]
+    assert f"stopped by signal {int(sig)}" in out and "trainer.resume=auto" in out and str(run) in out, out[-3000:]
     cut = load(run / "last.pt")
     assert cut["step"] > 0 or cut["epoch"] < 3, "the signal came too late to test anything"
     assert f"at epoch {cut['epoch'] + 1} step {cut['step']};" in out  # the message names where it stopped
