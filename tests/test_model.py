@@ -211,6 +211,10 @@ def test_batch_size_one():
     torch.testing.assert_close(single, full[:1], atol=1e-5, rtol=0)
     model.train()
     assert model(x[:1]).shape == (1, 10)  # train mode too (BatchNorm still sees a 2x2 k/v map at 64x64)
+    # at 32x32 stage 2's k/v map is 1x1: BatchNorm cannot train on one value per channel; one clear line instead
+    with pytest.raises(UserError, match=r"^model\.stages\.2: training on a batch of 1 at 32x32 .* batch of 2 or more"):
+        model(x[:1, :, :32, :32])
+    assert model(x[:2, :, :32, :32]).shape == (2, 10)
 
 
 @pytest.mark.slow  # cold: 15-35 s on 2 CPU cores (compiling C++ kernels); 3-5 s with inductor's cache
@@ -302,3 +306,35 @@ def test_dotted_overrides_and_config_sources():
     yaml = OmegaConf.load(cvt_train.models.presets.CONF_DIR / "model" / "cvt13.yaml")
     assert num_params(cvt_train.create_model(yaml, init="xavier")) == PARAMS["cvt13"]
     assert num_params(cvt_train.create_model(model.cfg)) == num_params(model)
+
+
+def test_attention_runs_sdpa_with_the_official_scale(monkeypatch):
+    """Inference goes through F.scaled_dot_product_attention with an explicit scale of the whole width**-0.5 (the
+    official code's, not the head width's); the plain matmul path CPU training takes for short sequences gives the
+    same values and gradients."""
+    from torch.nn import functional as F
+
+    from cvt_train.models import cvt as cvt_module
+
+    real, seen = F.scaled_dot_product_attention, []
+
+    def record(q, k, v, dropout_p=0.0, scale=None, **kw):
+        seen.append((q.shape[1] * q.shape[-1], scale))  # heads x head width = the stage's width
+        return real(q, k, v, dropout_p=dropout_p, scale=scale, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        forward(model, 32)
+    depths = [s.depth for s in model.cfg.stages]
+    assert len(seen) == sum(depths)
+    assert all(scale == dim**-0.5 for dim, scale in seen)
+    monkeypatch.undo()
+
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for n in (17, 5, 5))
+    plain = cvt_module.attention(q, k, v, 0.125, 0.0)  # requires_grad on CPU: the matmul path
+    fused = F.scaled_dot_product_attention(q, k, v, scale=0.125)
+    torch.testing.assert_close(plain, fused)
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (plain, fused)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

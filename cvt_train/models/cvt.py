@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from .presets import ModelConfig, StageConfig, stage_map_sizes
+from .presets import ModelConfig, StageConfig, check_batch_of_one, stage_map_sizes
 
 
 class QuickGELU(nn.Module):
@@ -276,6 +276,8 @@ class CvT(nn.Module):
         if size not in self._checked_sizes:  # a clear message instead of a conv error deep inside
             stage_map_sizes(self.cfg, size)
             self._checked_sizes.add(size)
+        if self.training and x.shape[0] == 1:
+            check_batch_of_one(self.cfg, size)
         cls = None
         for stage in self.stages:
             x, cls = stage(x)

@@ -172,6 +172,11 @@ def _conv_out(n: int, kernel: int, stride: int, padding: int, ceil: bool = False
 
 def stage_map_sizes(cfg: ModelConfig, image_size: tuple[int, int]) -> list[tuple[int, int]]:
     """The (H, W) of each stage's token map for an input size; a clear error where a map vanishes."""
+    return [hw for hw, _ in stage_geometry(cfg, image_size)]
+
+
+def stage_geometry(cfg: ModelConfig, image_size: tuple[int, int]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(token map, k/v map) sizes of each stage (the k/v map is the token map for `linear`); errors as above."""
     sizes, hw = [], tuple(image_size)
     for i, s in enumerate(cfg.stages):
         if s.embed == "patch":
@@ -184,15 +189,26 @@ def stage_map_sizes(cfg: ModelConfig, image_size: tuple[int, int]) -> list[tuple
                 f"model.stages.{i}.patch_stride: a {image_size[0]}x{image_size[1]} input leaves a {hw[0]}x{hw[1]} map "
                 f"before stage {i}, too small for its embedding (kernel {k}, stride {st}, padding {p}); "
                 "lower a patch_stride or raise the image size")
+        kv = new
         if s.qkv_proj_method != "linear":
             kv = tuple(_conv_out(n, s.kernel_qkv, s.stride_kv, s.padding_kv, ceil=s.qkv_proj_method == "avg") for n in new)
             if min(kv) < 1:
                 raise UserError(
                     f"model.stages.{i}.kernel_qkv: the {new[0]}x{new[1]} map of stage {i} is too small for the k/v "
                     f"projection (kernel {s.kernel_qkv}, padding {s.padding_kv}); lower kernel_qkv or raise padding_kv")
-        sizes.append(new)
+        sizes.append((new, kv))
         hw = new
     return sizes
+
+
+def check_batch_of_one(cfg: ModelConfig, image_size: tuple[int, int]) -> None:
+    """Training on one image: a dw_bn BatchNorm over a 1x1 map would see one value per channel, which BatchNorm
+    refuses deep inside the forward; say which stage and what to do instead."""
+    for i, (s, (hw, kv)) in enumerate(zip(cfg.stages, stage_geometry(cfg, image_size))):
+        if s.qkv_proj_method == "dw_bn" and min(hw[0] * hw[1], kv[0] * kv[1]) == 1:
+            raise UserError(f"model.stages.{i}: training on a batch of 1 at {image_size[0]}x{image_size[1]} leaves "
+                            f"the dw_bn projection's BatchNorm a 1x1 map, one value per channel; train with a batch "
+                            "of 2 or more, a larger image, or evaluate in eval mode")
 
 
 def preset_names() -> list[str]:
