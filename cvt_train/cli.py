@@ -102,12 +102,17 @@ def check_overrides(config_name: str) -> None:
 
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
-        choices = [[o.input_line] if not o.is_sweep_override() else
-                   [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
-    except HydraException as e:  # a syntax error, or a sweep kind (glob) that needs Hydra itself
-        if "ConfigLoader" in str(e):
-            return
+    except HydraException as e:  # a syntax error
         _fail(_hydra_message(e))
+    choices = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            choices.append([o.input_line])
+            continue
+        try:
+            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        except HydraException:  # interval(...) for a sweeper plugin, glob(...): values only Hydra itself can list
+            continue
     first = [c[0] for c in choices]
     variants = [first] + [first[:i] + [v] + first[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
     try:

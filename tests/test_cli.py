@@ -139,3 +139,15 @@ def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path):
     assert cfg["model"]["name"] == "cvt21" and cfg["model"]["stages"][0]["patch_stride"] == 2
     assert [len(cfg["model"]["stages"]), cfg["model"]["stages"][2]["depth"]] == [3, 16]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["-m", "optim.lr=interval(1e-4,3e-3)"],  # a sweeper plugin's search space: only Hydra can list it
+    ["-m", "optim.lr=glob(*)"], ["+trainer.new_key=1"], ["~aug.hflip"], ["-m", "trainer.seed=range(0,3)"],
+    ["optim.betas=[0.9,0.99]", "data.root=/tmp/with space"], ["--cfg", "job", "trainer.nope=1"],  # flags: Hydra's
+])
+def test_valid_or_hydra_only_overrides_pass_the_early_check(args, monkeypatch):
+    from cvt_train import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["cvt-train", *args])
+    cli_module.check_overrides("train")  # no SystemExit
