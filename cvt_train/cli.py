@@ -6,6 +6,7 @@ Set HYDRA_FULL_ERROR=1 (or CVT_DEBUG=1) to see the full traceback instead.
 from __future__ import annotations
 
 import atexit
+import errno
 import functools
 import os
 import shutil
@@ -21,6 +22,8 @@ from .errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by Ctrl-C
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                errno.EISDIR, errno.EIO}
 
 
 def _debug() -> bool:
@@ -41,14 +44,15 @@ def friendly_errors(fn: Callable) -> Callable:
                 message = str(e).splitlines()[0]
             elif isinstance(e, OSError):  # a disk, permission or file-system fault outside the checked writes
                 where = f"{e.filename}: " if e.filename else ""
-                message = f"{where}{e.strerror or e}; check the path, the free disk space and the permissions"
+                advice = "; check the path, the free disk space and the permissions" if e.errno in _DISK_ERRNOS else ""
+                message = f"{where}{e.strerror or e}{advice}"
             else:
                 message = _one_line(e)
             _fail(message)
         except KeyboardInterrupt:
             if _debug():
                 raise
-            print("error: interrupted (Ctrl-C); checkpoints already written are intact", file=sys.stderr)
+            print("error: interrupted (Ctrl-C); files written before it are intact", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
@@ -103,21 +107,25 @@ def check_overrides(config_name: str) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
     except HydraException as e:  # a syntax error
-        _fail(_hydra_message(e))
+        bad = getattr(e, "override", None)
+        _fail(f"{bad}: {_hydra_message(e)}" if bad else _hydra_message(e))
     choices = []
     for o in parsed:
         if not o.is_sweep_override():
             choices.append([o.input_line])
             continue
         try:
-            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
-        except HydraException:  # interval(...) for a sweeper plugin, glob(...): values only Hydra itself can list
+            values = [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        except (HydraException, ValueError):  # interval(...) for a sweeper plugin, glob(...): only Hydra lists them
             continue
+        if values:  # an empty sweep launches no job: nothing to check
+            # only a group's options can name a config that does not exist; a value of a key cannot add a key
+            choices.append(values if "." not in o.key_or_group else values[:1])
     first = [c[0] for c in choices]
     variants = [first] + [first[:i] + [v] + first[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
     try:
         with initialize_config_module("cvt_train.conf", version_base="1.3"):
-            for overrides in variants[:64]:
+            for overrides in variants:
                 cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         _fail(_hydra_message(e))
@@ -149,7 +157,8 @@ def prepare_distributed_argv() -> None:
     """
     if int(os.environ.get("RANK", "0")) == 0:
         return
-    scratch = tempfile.mkdtemp(prefix=f"cvt-train-rank{os.environ['RANK']}-")
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none",
-                 "hydra.run.dir=.", f"hydra.sweep.dir={scratch}"]
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none", "hydra.run.dir=."]
+    if any(a in ("-m", "--multirun") for a in sys.argv):
+        scratch = tempfile.mkdtemp(prefix=f"cvt-train-rank{os.environ['RANK']}-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        sys.argv.append("hydra.sweep.dir='{}'".format(scratch.replace("'", "\\'")))  # quoted: TMPDIR may hold , or =

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .cli import check_overrides, friendly_errors, prepare_distributed_argv
@@ -15,12 +17,19 @@ from .engine.distributed import cleanup
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 @friendly_errors
 def run(cfg: DictConfig) -> float:
-    from .engine.trainer import train
+    from .engine.trainer import Trainer
 
     try:
-        return train(cfg, HydraConfig.get().runtime.output_dir)  # the metric a Hydra sweeper optimises
+        trainer = Trainer(cfg, HydraConfig.get().runtime.output_dir)
+        best_top1 = trainer.fit()
     finally:
         cleanup()
+    if trainer.stop_signal and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # a stop signal ends the whole sweep, not just this job (its last.pt is written): the signal's exit status
+        print(f"sweep stopped by signal {trainer.stop_signal}; rerun the same command with "
+              f"hydra.sweep.dir={HydraConfig.get().sweep.dir} trainer.resume=auto to continue it", file=sys.stderr)
+        sys.exit(128 + trainer.stop_signal)
+    return best_top1  # the metric a Hydra sweeper optimises
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -100,25 +101,24 @@ def test_run_dir_holds_the_resolved_config(cifar, tmp_path):
 
 def test_submitit_tasks_become_torchrun_ranks(monkeypatch):
     """A submitit job of several tasks: torchrun's variables come from submitit's helper, GPUs left visible."""
-    exported = []
-
-    class FakeEnvironment:
-        def export(self, set_cuda_visible_devices=True):
-            exported.append(set_cuda_visible_devices)
-            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-                monkeypatch.setenv(key, "0")
+    class FakeEnvironment:  # what submitit derives from SLURM's variables
+        master_addr, master_port, rank, world_size, local_rank = "node17", 29517, 9, 16, 1
 
     helpers = types.ModuleType("submitit.helpers")
     helpers.TorchDistributedEnvironment = FakeEnvironment
     monkeypatch.setitem(sys.modules, "submitit", types.ModuleType("submitit"))
     monkeypatch.setitem(sys.modules, "submitit.helpers", helpers)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.setenv(key, "")  # recorded, so that the test's exports are undone afterwards
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MASTER_PORT", "29511")  # set by the user (hydra.launcher.setup): kept
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert not distributed.export_submitit_env()  # one task: nothing to set up
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    assert distributed.export_submitit_env() and exported == [False]
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert distributed.export_submitit_env()
+    assert [os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")] == [
+        "node17", "29511", "9", "16", "1"]
     assert not distributed.export_submitit_env()  # RANK is set now (as under torchrun): left alone
 
 
@@ -151,3 +151,53 @@ def test_valid_or_hydra_only_overrides_pass_the_early_check(args, monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["cvt-train", *args])
     cli_module.check_overrides("train")  # no SystemExit
+
+
+def test_sigterm_left_to_submitit_which_acts_on_sigusr2(cifar, tmp_path, monkeypatch):
+    """Inside a submitit job SIGTERM is submitit's to ignore (it requeues on SIGUSR2): the run goes on."""
+    calls = []
+
+    def bypass(signum, frame):
+        calls.append(signum)
+
+    bypass.__module__ = "submitit.core.job_environment"
+    previous = signal.signal(signal.SIGTERM, bypass)
+    real_step = trainer_module.Trainer.train_step
+
+    def step_then_signal(self, images, targets, epoch, step):
+        out = real_step(self, images, targets, epoch, step)
+        if epoch == 0 and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_signal)
+    try:
+        trainer = trainer_module.Trainer(compose_train([*BASE, f"data.root={cifar}"]), tmp_path / "run")
+        trainer.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == [signal.SIGTERM] and trainer.stop_signal is None
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2  # ran to the end
+
+
+def test_stop_signal_ends_the_whole_sweep(cifar, tmp_path):
+    """In a -m sweep a stop signal ends the sweep, not just the job in progress (whose last.pt is written)."""
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CVT_DEBUG")}
+    out = open(tmp_path / "out.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cvt_train.train", "-m", *BASE, f"data.root={cifar}",
+                             "trainer.epochs=20", "trainer.seed=0,1", f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+    log = sweep / "0" / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and "model cvt_cifar_tiny" in log.read_text()):  # logged just before training
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    text = (tmp_path / "out.txt").read_text()
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert "sweep stopped by signal 15" in text and f"hydra.sweep.dir={sweep} trainer.resume=auto" in text
+    assert (sweep / "0" / "last.pt").is_file() and not (sweep / "1").exists()

@@ -86,9 +86,9 @@ def _umask() -> int:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files save_atomic leaves when a process is killed mid-write (each as big as a
-    checkpoint); returns them."""
-    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    """Delete the temporary files save_atomic (each as big as a checkpoint) and write_text_atomic leave when a
+    process is killed mid-write; returns them."""
+    stale = sorted(Path(folder).glob(".*.tmp"))  # .last.pt.XXXX.tmp, .metrics.json.PID.tmp, ...
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale

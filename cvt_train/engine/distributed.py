@@ -31,8 +31,8 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "trainer.device") 
     """`auto`, `cpu`, `cuda` (this rank's GPU) or `cuda:N` as a device; one line naming `key` when it is not one."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
+    if name == "cuda":  # modulo: a scheduler may show each task only its own GPU(s)
+        name = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as e:
@@ -49,7 +49,10 @@ def export_submitit_env() -> bool:
         return False
     from submitit.helpers import TorchDistributedEnvironment  # installed: this process is a submitit job
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # each task picks cuda:LOCAL_RANK itself
+    env = TorchDistributedEnvironment()  # honours a MASTER_PORT set beforehand
+    for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port), ("RANK", env.rank),
+                       ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+        os.environ.setdefault(key, str(value))  # what a site prolog or hydra.launcher.setup set stays
     return True
 
 

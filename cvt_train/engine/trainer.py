@@ -73,6 +73,9 @@ class StopRequest:
 
     def __enter__(self):
         for s in STOP_SIGNALS:
+            current = signal.getsignal(s)
+            if s == signal.SIGTERM and getattr(current, "__module__", "").startswith("submitit"):
+                continue  # submitit ignores SIGTERM on purpose and acts on its own signal (SIGUSR2): so do we
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -130,6 +133,29 @@ def init_weights(model: CvT, path: str, verbose: bool) -> None:
         head = f"classifier re-initialised ({classes} classes in the file, {model.cfg.num_classes} here)" \
             if drop_head else "classifier included"
         log.info("initial weights from %s (%s format), %s", path, fmt, head)
+
+
+class StopWatch:
+    """Adds up the time spent inside an iterator's next(): how long the loop waited for the data loader."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, iterable):
+        iterator = iter(iterable)
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                self.seconds += time.perf_counter() - start
+                yield item
+        finally:  # an early break closes the loader's generator now (it stops its workers)
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
 
 @dataclass
@@ -209,6 +235,7 @@ class Trainer:
         self.nonfinite = 0  # consecutive steps with a non-finite loss
         self.train_loss = float("nan")  # mean over the last epoch
         self.data_wait = 0.0  # fraction of the last epoch spent waiting for the data loader
+        self.stop_signal: int | None = None  # the signal that stopped the run early, if one did
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
         n_params = num_params(model)
         self.run_info = {"params": n_params,
@@ -295,16 +322,14 @@ class Trainer:
         tcfg, dist = self.cfg.trainer, self.dist
         self.train_model.train()
         t0, seen, loss_sum, batches_done = time.perf_counter(), 0, 0.0, 0
-        waited, ready = 0.0, t0  # seconds blocked on the data loader; when the last step ended
+        loader_clock = StopWatch()  # time blocked waiting for the next batch
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
                    disable=not (dist.is_main and tcfg.progress), dynamic_ncols=True, leave=False, mininterval=1.0)
-        batches = self.data.train_batches(epoch, start_step=first)
+        batches = loader_clock.timed(self.data.train_batches(epoch, start_step=first))
         for step, (images, targets) in enumerate(batches, start=first):
-            waited += time.perf_counter() - ready  # ~0 while the loader keeps ahead of the model
             if step >= self.steps_per_epoch:
                 break
             loss, stepped = self.train_step(images, targets, epoch, step)
-            ready = time.perf_counter()
             seen += images.shape[0]
             if math.isfinite(loss):
                 loss_sum, batches_done = loss_sum + loss, batches_done + 1
@@ -315,7 +340,7 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             ips = seen * dist.world_size / elapsed
             lr = self.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", data_wait=f"{waited / elapsed:.0%}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", data_wait=f"{loader_clock.seconds / elapsed:.0%}")
             bar.update(tcfg.accum_steps)
             if self.writer is not None and self.progress.global_step % tcfg.log_every == 0:
                 for name, value in (("loss", loss), ("lr", lr), ("images_per_s", ips)):
@@ -329,12 +354,13 @@ class Trainer:
         bar.close()
         self.train_loss = loss_sum / max(1, batches_done)
         seconds = time.perf_counter() - t0
-        self.data_wait = waited / max(seconds, 1e-9)
+        self.data_wait = loader_clock.seconds / max(seconds, 1e-9)
         return seen, seconds
 
     def stopped(self, stop: StopRequest) -> None:
         """last.pt is written where the run stopped: say how to resume, then let an earlier handler have the signal."""
         p = self.progress
+        self.stop_signal = stop.signum
         if self.dist.is_main:
             log.warning("stopped by signal %s at epoch %d step %d; last.pt written. Resume with: "
                         "cvt-train <same overrides> hydra.run.dir=%s trainer.resume=auto",

@@ -276,8 +276,8 @@ class CvT(nn.Module):
         if size not in self._checked_sizes:  # a clear message instead of a conv error deep inside
             stage_map_sizes(self.cfg, size)
             self._checked_sizes.add(size)
-        if self.training and x.shape[0] == 1:
-            check_batch_of_one(self.cfg, size)
+        if self.training and x.shape[0] == 1 and not any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+            check_batch_of_one(self.cfg, size)  # (SyncBatchNorm pools the statistics of every rank's batch)
         cls = None
         for stage in self.stages:
             x, cls = stage(x)
