@@ -338,3 +338,22 @@ def test_attention_runs_sdpa_with_the_official_scale(monkeypatch):
     grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (plain, fused)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow  # compiles a forward and a backward graph: 30-60 s cold on 2 CPU cores
+def test_torch_compile_training_step_matches_eager():
+    """The training step too: same outputs, same gradients, same BatchNorm statistics afterwards."""
+    import copy
+
+    eager = tiny_model(**{"stages.1.depth": 1, "stages.2.depth": 1}).train()
+    compiled_model = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 32, 32)
+    out_eager = eager(x)
+    out_eager.square().mean().backward()
+    out_compiled = torch.compile(compiled_model)(x)
+    out_compiled.square().mean().backward()
+    torch.testing.assert_close(out_compiled, out_eager, atol=1e-5, rtol=0)
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(c, b, atol=1e-6, rtol=0, msg=name)
