@@ -164,3 +164,19 @@ def test_torchrun_two_processes_match_single_process_eval(tmp_path, cifar_py):
     assert single["images"] == 200 and single["top1"] == metrics["top1"] and single["top5"] == metrics["top5"]
     # the same model on every rank (BatchNorm statistics included), so the same loss up to summation order
     assert single["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+
+
+JPEG_ROOT = Path(os.environ.get("CVT_CIFAR10_JPEG", "/tmp/cifar10"))  # ../shared/data/README: where it is unpacked
+
+
+@pytest.mark.skipif(not (JPEG_ROOT / "train").is_dir(), reason=f"no CIFAR-10 JPEGs at {JPEG_ROOT} (set CVT_CIFAR10_JPEG)")
+def test_cifar10_jpeg_training_images_with_a_held_out_split(tmp_path):
+    """The README's command on the 50,000 training JPEGs (a few steps): a fixed 45,000 / 5,000 split."""
+    run_dir = tmp_path / "run"
+    result = run_cli(["model=cvt13", "data=cifar10", f"data.root={JPEG_ROOT}", "data.val_split=0.1",
+                      "trainer.epochs=1", "trainer.max_steps_per_epoch=5", "data.val_subset=512",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "45000 train / 512 val images, 10 classes" in (run_dir / "train.log").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["images"] == 512 and metrics["epoch"] == 1 and 0 <= metrics["data_wait"] < 1
