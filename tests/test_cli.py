@@ -201,3 +201,45 @@ def test_stop_signal_ends_the_whole_sweep(cifar, tmp_path):
     assert code == 128 + signal.SIGTERM, text[-3000:]
     assert "sweep stopped by signal 15" in text and f"hydra.sweep.dir={sweep} trainer.resume=auto" in text
     assert (sweep / "0" / "last.pt").is_file() and not (sweep / "1").exists()
+
+
+def _rank_main(rank: int, port: int, results) -> None:
+    """One of two gloo ranks: rank 0's file write fails; rank 1 must stop too, not wait in its next collective."""
+    import torch.distributed as tdist
+
+    from cvt_train.engine.distributed import DistInfo
+    from cvt_train.errors import UserError
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    trainer = types.SimpleNamespace(dist=DistInfo(rank, 2, rank, torch.device("cpu")))
+
+    def write() -> None:
+        raise UserError("RUN/metrics.json: could not write (No space left on device)")
+
+    try:
+        trainer_module.Trainer.on_main(trainer, write)
+        results.put((rank, "no error"))
+    except UserError as e:
+        results.put((rank, str(e)))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_a_rank_0_failure_stops_every_rank():
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(rank, port, results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    got = dict(results.get(timeout=5) for _ in procs)
+    assert got[0] == "RUN/metrics.json: could not write (No space left on device)"
+    assert got[1].startswith("rank 0 stopped with an error")

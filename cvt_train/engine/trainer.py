@@ -242,7 +242,8 @@ class Trainer:
                          "gmacs": count_macs(model, (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)) / 1e9}
         self.wall_start = time.perf_counter() - self.progress.metrics.get("wall_time_s", 0.0)
         self.writer = None
-        if dist.is_main:
+
+        def open_run_dir() -> None:
             from torch.utils.tensorboard import SummaryWriter
 
             try:
@@ -255,6 +256,8 @@ class Trainer:
             log.info("model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d)",
                      cfg.model.name, n_params / 1e6, cfg.data.name, data.num_train, data.num_val, data.num_classes,
                      lr, global_batch)
+
+        self.on_main(open_run_dir)
 
     def _resume_path(self) -> Path | None:
         resume = self.cfg.trainer.resume
@@ -419,7 +422,8 @@ class Trainer:
         improved = metrics["top1"] > p.best_top1
         p.best_top1 = metrics["best_top1"] = max(p.best_top1, metrics["top1"])
         p.metrics = metrics
-        if dist.is_main:
+
+        def report() -> None:
             log.info("epoch %d/%d: train loss %.4f | val top1 %.2f top5 %.2f loss %.4f%s | %.0f img/s, %.0f%% of the "
                      "time waiting for data", p.epoch, tcfg.epochs, self.train_loss, metrics["top1"], metrics["top5"],
                      metrics["loss"], f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "",
@@ -430,6 +434,8 @@ class Trainer:
             self.writer.add_scalar("train/epoch_time_s", seconds, p.epoch)
             self.writer.add_scalar("train/data_wait", self.data_wait, p.epoch)  # fraction of the epoch
             write_text_atomic(json.dumps(metrics, indent=2), self.run_dir / "metrics.json")
+
+        self.on_main(report)
         return improved
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -468,10 +474,8 @@ class Trainer:
         """Model, EMA, optimizer, schedule, scaler, progress, RNG states and the resolved config, atomically."""
         self.sync_buffers()
         self.ensure_finite()
-        if not self.dist.is_main:
-            return
         p, ema = self.progress, self.ema
-        save_atomic({
+        self.on_main(lambda: save_atomic({
             "format_version": FORMAT_VERSION, "model": self.model.state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
             "ema_state": ema.state_dict() if ema is not None else None,
@@ -479,7 +483,23 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": p.epoch, "step": p.step, "global_step": p.global_step, "best_top1": p.best_top1,
             "metrics": p.metrics, "rng": rng_states(), "config": self.config_dict,
-        }, self.run_dir / name)
+        }, self.run_dir / name))
+
+    def on_main(self, work) -> None:
+        """Run `work` (writing files) on rank 0 alone. If it fails there, the other ranks stop too, rather than wait
+        for rank 0 in their next collective until the timeout (where no torchrun agent ends them: submitit)."""
+        error = None
+        if self.dist.is_main:
+            try:
+                work()
+            except Exception as e:  # noqa: BLE001 (raised again below, after the other ranks know)
+                error = e
+        if self.dist.enabled:
+            failed = all_reduce_max(torch.tensor([int(error is not None)], device=self.dist.device)).item()
+            if failed and error is None:
+                raise UserError("rank 0 stopped with an error (its message is in rank 0's output); stopping too")
+        if error is not None:
+            raise error
 
     def close(self, hparams: bool) -> None:
         """Close the TensorBoard events, with the HParams entry of a finished run (TensorBoard's sweep view)."""
