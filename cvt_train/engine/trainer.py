@@ -41,7 +41,8 @@ from .precision import autocast, autocast_dtype
 
 log = logging.getLogger("cvt_train")
 # SIGUSR1: what `sbatch --signal` sends by convention; SIGUSR2: submitit's preemption / time-out signal.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+                     if hasattr(signal, name))
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -343,7 +344,8 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             ips = seen * dist.world_size / elapsed
             lr = self.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", data_wait=f"{loader_clock.seconds / elapsed:.0%}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}",
+                            data_wait=f"{loader_clock.seconds / elapsed:.0%}")
             bar.update(tcfg.accum_steps)
             if self.writer is not None and self.progress.global_step % tcfg.log_every == 0:
                 for name, value in (("loss", loss), ("lr", lr), ("images_per_s", ips)):
