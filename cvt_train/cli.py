@@ -119,8 +119,10 @@ def check_overrides(config_name: str) -> None:
         except (HydraException, ValueError):  # interval(...) for a sweeper plugin, glob(...): only Hydra lists them
             continue
         if values:  # an empty sweep launches no job: nothing to check
-            # only a group's options can name a config that does not exist; a value of a key cannot add a key
-            choices.append(values if "." not in o.key_or_group else values[:1])
+            # a group's options can name a config that does not exist, a dict value can bring an unknown key; a
+            # plain value of a key can do neither: its first value stands for all
+            expand = "." not in o.key_or_group or any("{" in v.split("=", 1)[1] for v in values)
+            choices.append(values if expand else values[:1])
     first = [c[0] for c in choices]
     variants = [first] + [first[:i] + [v] + first[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
     try:
@@ -157,8 +159,7 @@ def prepare_distributed_argv() -> None:
     """
     if int(os.environ.get("RANK", "0")) == 0:
         return
-    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none", "hydra.run.dir=."]
-    if any(a in ("-m", "--multirun") for a in sys.argv):
-        scratch = tempfile.mkdtemp(prefix=f"cvt-train-rank{os.environ['RANK']}-")
-        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-        sys.argv.append("hydra.sweep.dir='{}'".format(scratch.replace("'", "\\'")))  # quoted: TMPDIR may hold , or =
+    scratch = tempfile.mkdtemp(prefix=f"cvt-train-rank{os.environ['RANK']}-")  # for -m or hydra.mode=MULTIRUN
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none", "hydra.run.dir=.",
+                 "hydra.sweep.dir='{}'".format(scratch.replace("'", "\\'"))]  # quoted: TMPDIR may hold , or =

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from .cli import check_overrides, friendly_errors, prepare_distributed_argv
 from .engine.distributed import cleanup
+from .sweep import summarize
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -24,10 +25,17 @@ def run(cfg: DictConfig) -> float:
         best_top1 = trainer.fit()
     finally:
         cleanup()
-    if trainer.stop_signal and HydraConfig.get().mode == RunMode.MULTIRUN:
-        # a stop signal ends the whole sweep, not just this job (its last.pt is written): the signal's exit status
-        print(f"sweep stopped by signal {trainer.stop_signal}; rerun the same command with "
-              f"hydra.sweep.dir={HydraConfig.get().sweep.dir} trainer.resume=auto to continue it", file=sys.stderr)
+    hydra_cfg = HydraConfig.get()
+    if trainer.stop_signal and hydra_cfg.mode == RunMode.MULTIRUN and not os.environ.get("SUBMITIT_EXECUTOR"):
+        # a stop signal ends a sequential sweep, not just this job (its last.pt is written), with the signal's exit
+        # status; the summary covers the jobs so far. (submitit runs jobs apart: each stops alone, and requeues.)
+        if int(os.environ.get("RANK", "0")) == 0:
+            try:
+                summarize(hydra_cfg.sweep.dir)
+            except OSError:  # the stop matters more than the table
+                pass
+            print(f"sweep stopped by signal {trainer.stop_signal}; rerun the same command with "
+                  f"hydra.sweep.dir={hydra_cfg.sweep.dir} trainer.resume=auto to continue it", file=sys.stderr)
         sys.exit(128 + trainer.stop_signal)
     return best_top1  # the metric a Hydra sweeper optimises
 

@@ -201,6 +201,24 @@ def test_stop_signal_ends_the_whole_sweep(cifar, tmp_path):
     assert code == 128 + signal.SIGTERM, text[-3000:]
     assert "sweep stopped by signal 15" in text and f"hydra.sweep.dir={sweep} trainer.resume=auto" in text
     assert (sweep / "0" / "last.pt").is_file() and not (sweep / "1").exists()
+    assert (sweep / "summary.md").is_file()  # the jobs so far
+
+
+def test_stop_during_the_last_evaluation_is_not_lost(cifar, tmp_path, monkeypatch):
+    """The run is complete then, but a sweep must still stop: the trainer reports the signal."""
+    real = trainer_module.run_evaluation
+
+    def evaluate_then_signal(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        if args[-1] == 2:  # the evaluation after the last epoch
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return metrics
+
+    monkeypatch.setattr(trainer_module, "run_evaluation", evaluate_then_signal)
+    trainer = trainer_module.Trainer(compose_train([*BASE, f"data.root={cifar}"]), tmp_path / "run")
+    trainer.fit()
+    assert trainer.stop_signal == signal.SIGUSR1
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
 
 
 def _rank_main(rank: int, port: int, results) -> None:

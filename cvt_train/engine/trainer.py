@@ -184,9 +184,11 @@ class Trainer:
 
         resume_path = self._resume_path()
         ckpt = load_training_checkpoint(resume_path) if resume_path else None
-        if dist.is_main:
+        def clean_run_dir() -> None:
             for tmp in remove_stale_temporaries(self.run_dir):
                 log.info("removed %s, left by a process killed while writing a checkpoint", tmp)
+
+        self.on_main(clean_run_dir)
 
         self.data = data = build_data(cfg, rank=dist.rank, world_size=dist.world_size, device=dist.device)
         if data.num_classes != cfg.data.num_classes:
@@ -313,8 +315,9 @@ class Trainer:
                 if p.epoch < tcfg.epochs and stop.requested(self.dist.device):  # it came during the evaluation
                     self.stopped(stop)
                     return p.best_top1
-        if profiler is not None:
-            write_profile(profiler, self.run_dir)
+            if stop.requested(self.dist.device):  # during the last evaluation: the run is complete, but a sweep
+                self.stop_signal = stop.signum   # must still stop (train.py)
+        self.on_main(lambda: profiler is not None and write_profile(profiler, self.run_dir))
         if self.dist.enabled:
             check_ranks_agree(self.model, self.dist)
         self.close(hparams=True)
@@ -385,7 +388,10 @@ class Trainer:
             loss = self.loss_fn(logits.float(), targets)
             self.scaler.scale(loss / tcfg.accum_steps).backward()
         loss_value = loss.item()
-        if math.isfinite(loss_value):
+        finite = math.isfinite(loss_value)
+        if dist.enabled:  # one decision for all ranks: a rank that skipped a step alone would hang the others later
+            finite = not all_reduce_max(torch.tensor([int(not finite)], device=dist.device)).item()
+        if finite:
             self.nonfinite = 0
         else:
             self.nonfinite += 1
@@ -399,7 +405,7 @@ class Trainer:
         if tcfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
-        if math.isfinite(loss_value) or self.scaler.is_enabled():
+        if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # with fp16 the scaler itself skips steps with inf/nan gradients
             self.scaler.update()
             if self.ema is not None:
