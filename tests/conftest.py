@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 from torch import nn
 
 import cvt_train
@@ -50,3 +51,9 @@ def cvt21() -> cvt_train.CvT:
 def cvtw24() -> cvt_train.CvT:
     """277M parameters, ~1.1 GB; building on the meta device would be instant once cvt.py allows it."""
     return cvt_train.create_model("cvtw24", init="xavier")
+
+
+def compose_train(overrides: list[str]):
+    """The composed `cvt-train` config for these overrides, as Hydra would build it (nothing runs)."""
+    with initialize_config_module("cvt_train.conf", version_base="1.3"):
+        return compose("train", overrides=overrides)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_module
 
 from cvt_train.engine import distributed
 from cvt_train.engine import trainer as trainer_module
+from conftest import compose_train
 from fakedata import write_cifar10_python
 
 BASE = ["model=cvt_cifar_tiny", "data=cifar10", "trainer.progress=false", "trainer.precision=fp32",
@@ -59,9 +59,18 @@ def test_run_dir_that_cannot_be_written_is_named(tmp_path):
                                      "hydra.run.dir to a folder you can write")
 
 
-def compose_train(args: list[str]):
-    with initialize_config_module("cvt_train.conf", version_base="1.3"):
-        return compose("train", overrides=args)
+
+def signal_after_step(monkeypatch, signum: int) -> None:
+    """The trainer sends itself `signum` right after the third step of the first epoch."""
+    real_step = trainer_module.Trainer.train_step
+
+    def step_then_signal(self, images, targets, epoch, step):
+        out = real_step(self, images, targets, epoch, step)
+        if epoch == 0 and step == 2:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_signal)
 
 
 def test_signal_is_handed_on_after_last_pt(cifar, tmp_path, monkeypatch):
@@ -73,15 +82,7 @@ def test_signal_is_handed_on_after_last_pt(cifar, tmp_path, monkeypatch):
         calls.append((signum, (tmp_path / "run" / "last.pt").is_file()))
 
     previous = signal.signal(signal.SIGUSR2, cluster_handler)
-    real_step = trainer_module.Trainer.train_step
-
-    def step_then_signal(self, images, targets, epoch, step):
-        out = real_step(self, images, targets, epoch, step)
-        if epoch == 0 and step == 2:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return out
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_signal)
+    signal_after_step(monkeypatch, signal.SIGUSR2)
     try:
         trainer_module.train(compose_train([*BASE, f"data.root={cifar}"]), tmp_path / "run")
     finally:
@@ -162,15 +163,7 @@ def test_sigterm_left_to_submitit_which_acts_on_sigusr2(cifar, tmp_path, monkeyp
 
     bypass.__module__ = "submitit.core.job_environment"
     previous = signal.signal(signal.SIGTERM, bypass)
-    real_step = trainer_module.Trainer.train_step
-
-    def step_then_signal(self, images, targets, epoch, step):
-        out = real_step(self, images, targets, epoch, step)
-        if epoch == 0 and step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_signal)
+    signal_after_step(monkeypatch, signal.SIGTERM)
     try:
         trainer = trainer_module.Trainer(compose_train([*BASE, f"data.root={cifar}"]), tmp_path / "run")
         trainer.fit()

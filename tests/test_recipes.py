@@ -16,12 +16,9 @@ from omegaconf import OmegaConf
 from cvt_train.engine.optim import learning_rate
 from cvt_train.engine.trainer import train
 from cvt_train.models import CvT, model_config, stage_map_sizes
+from conftest import compose_train
 from fakedata import write_cifar10_python
 
-
-def compose_train(overrides: list[str]):
-    with initialize_config_module("cvt_train.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 OFFICIAL_RECIPE = {  # the official training recipe, shared by CvT-13, CvT-21 and W24

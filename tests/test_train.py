@@ -10,20 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from cvt_train.engine import trainer as trainer_module
 from cvt_train.engine.trainer import train
 from cvt_train.errors import UserError
+from conftest import compose_train
 from fakedata import write_cifar10_python, write_image_folder
 
 FAST = ["model=cvt_cifar_tiny", "trainer.progress=false", "data.num_workers=0", "data.batch_size=50",
         "optim.lr=2e-3", "sched.warmup_epochs=0"]
 
-
-def compose_train(overrides: list[str]):
-    with initialize_config_module("cvt_train.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "cvt_train.train", timeout: int = 600, env=None):
