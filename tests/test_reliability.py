@@ -28,13 +28,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from cvt_train import eval as eval_module
 from cvt_train import train as train_module
 from cvt_train.engine import checkpoint as checkpoint_module
 from cvt_train.engine import trainer as trainer_module
 from cvt_train.errors import UserError
+from conftest import compose_train
 from fakedata import write_cifar10_python
 
 # 300 train / 100 test images, batch 50: 6 steps per epoch, 3 epochs.
@@ -203,10 +203,6 @@ def test_resume_from_every_epoch_boundary_with_accumulation(cifar, tmp_path, mon
 # ----------------------------------------------------------------------------------------------------------------
 # In-process entry points: the user-facing line of `cvt-train` / `cvt-eval` without starting a Python each time
 
-
-def compose_train(args: list[str]):
-    with initialize_config_module("cvt_train.conf", version_base="1.3"):
-        return compose("train", overrides=args)
 
 
 def run_entry(module, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -536,8 +532,12 @@ def test_unwritable_output_previous_checkpoint_intact(fault, cifar, reference, t
     if fault == "read_only_dir" and os.geteuid() != 0:
         run.chmod(0o555)  # (root writes anyway: then the refusal is simulated below)
     elif fault == "read_only_dir":
-        def refuse(*args, **kwargs):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        real_mkstemp = checkpoint_module.tempfile.mkstemp
+
+        def refuse(*args, prefix="", **kwargs):  # checkpoints only (config.yaml, metrics.json share the writer)
+            if ".pt." in prefix:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return real_mkstemp(*args, prefix=prefix, **kwargs)
         monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", refuse)
     else:
         real_save = torch.save

@@ -14,7 +14,7 @@ import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -25,20 +25,37 @@ FORMAT_VERSION = 1
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash leaves the old file."""
+    """A checkpoint written to a temporary file in the same folder, fsynced, then renamed over `path`: a crash
+    leaves the old file."""
+
+    def write(f) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer reports a full disk (ENOSPC, EFBIG) as a RuntimeError
+            raise OSError(f"write failed: {e}") from e
+
+    _replace_atomically(path, write, "could not write checkpoint", "the previous checkpoint is intact")
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Small text files (metrics.json, config.yaml) the same way: a full disk leaves the previous version."""
+    _replace_atomically(path, lambda f: f.write(text.encode()), "could not write",
+                        "the checkpoints written so far are intact")
+
+
+def _replace_atomically(path: str | Path, write: Callable[[BinaryIO], Any], failed: str, intact: str) -> None:
+    """write(f) into `.NAME.XXXX.tmp` beside `path`, flush, fsync, rename over `path`, fsync the folder; an OSError
+    on the way becomes one UserError line ("PATH: {failed} (reason); ...; {intact}") and removes the temporary."""
     path = Path(path)
     _saves[path.name] = _saves.get(path.name, 0) + 1
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise _write_error(path, e) from e
+        raise _write_error(path, e, failed, intact) from e
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode torch.save would give it
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as e:  # torch's zip writer reports a full disk (ENOSPC, EFBIG) as a RuntimeError
-                raise OSError(f"write failed: {e}") from e
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         fault_point(f"save:{path.name}", _saves[path.name])
@@ -50,33 +67,15 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.close(dir_fd)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, e) from e
+        raise _write_error(path, e, failed, intact) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_text_atomic(text: str, path: str | Path) -> None:
-    """Small text files (metrics.json, config.yaml) the same way: a full disk leaves the previous version."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        reason = " ".join(str(e.strerror or e).split())
-        raise UserError(f"{path}: could not write ({reason}); free disk space or fix the output dir's permissions; "
-                        "the checkpoints written so far are intact") from e
-
-
-def _write_error(path: Path, e: OSError) -> UserError:
+def _write_error(path: Path, e: OSError, failed: str, intact: str) -> UserError:
     reason = " ".join(str(e.strerror or e).split())  # one line, so the advice after it is not cut off
-    return UserError(f"{path}: could not write checkpoint ({reason}); free disk space or fix the output "
-                     "dir's permissions; the previous checkpoint is intact")
+    return UserError(f"{path}: {failed} ({reason}); free disk space or fix the output dir's permissions; {intact}")
 
 
 def _umask() -> int:
@@ -109,8 +108,8 @@ def load_training_checkpoint(path: str | Path) -> dict:
 # to make the training process SIGKILL itself at an exact moment:
 #     step:N   right after the N-th optimizer step of the run (global step, counted across resumes)
 #     eval:N   during the evaluation after epoch N (after its first batch)
-#     save:NAME:N   inside the N-th write of NAME (last.pt, best.pt) by this process: the temporary file is written
-#                   and fsynced, not yet renamed over NAME
+#     save:NAME:N   inside the N-th write of NAME (last.pt, best.pt, metrics.json, ...) by this process: the
+#                   temporary file is written and fsynced, not yet renamed over NAME
 # Unset (as always outside those tests) it does nothing.
 _saves: dict[str, int] = {}
 

@@ -82,6 +82,11 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank: one answer on every rank, so all of them take the same branch."""
+    return bool(all_reduce_max(torch.tensor([int(flag)], device=device)).item())
+
+
 def broadcast_object(obj, src: int = 0):
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]

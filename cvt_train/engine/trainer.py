@@ -34,7 +34,7 @@ from ..models.convert import extract_state_dict, head_classes, load_checkpoint, 
 from .checks import check_config, flatten, resume_mismatch
 from .checkpoint import (FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, save_atomic,
                          write_text_atomic)
-from .distributed import DistInfo, all_reduce_max, broadcast_object, init_distributed
+from .distributed import DistInfo, all_reduce_max, any_rank, broadcast_object, init_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler, learning_rate, load_optimizer_state
 from .precision import autocast, autocast_dtype
@@ -390,7 +390,7 @@ class Trainer:
         loss_value = loss.item()
         finite = math.isfinite(loss_value)
         if dist.enabled:  # one decision for all ranks: a rank that skipped a step alone would hang the others later
-            finite = not all_reduce_max(torch.tensor([int(not finite)], device=dist.device)).item()
+            finite = not any_rank(not finite, dist.device)
         if finite:
             self.nonfinite = 0
         else:
@@ -502,9 +502,8 @@ class Trainer:
                 work()
             except Exception as e:  # noqa: BLE001 (raised again below, after the other ranks know)
                 error = e
-        if self.dist.enabled:
-            failed = all_reduce_max(torch.tensor([int(error is not None)], device=self.dist.device)).item()
-            if failed and error is None:
+        if self.dist.enabled and any_rank(error is not None, self.dist.device):
+            if error is None:
                 raise UserError("rank 0 stopped with an error (its message is in rank 0's output); stopping too")
         if error is not None:
             raise error
