@@ -57,3 +57,14 @@ def compose_train(overrides: list[str]):
     """The composed `cvt-train` config for these overrides, as Hydra would build it (nothing runs)."""
     with initialize_config_module("cvt_train.conf", version_base="1.3"):
         return compose("train", overrides=overrides)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_on_cuda():
+    """Tests compare fp32 logits at 1e-5: on a CUDA machine, pin IEEE fp32 before each test (the trainer switches
+    TF32 on for its runs, which changes the third decimal)."""
+    if torch.cuda.is_available():
+        from cvt_train.engine.precision import set_gpu_defaults
+
+        set_gpu_defaults(torch.device("cuda"), tf32=False, benchmark=False)
+    yield

@@ -30,3 +30,23 @@ def test_cpu_and_names():
     assert [precision_name(autocast_dtype(p, cpu)) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
     with pytest.raises(UserError, match=r"trainer.precision: 'fp8' is not one of auto, bf16, fp16, fp32"):
         autocast_dtype("fp8", cpu)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_gpu_defaults_set_tf32_and_benchmark_on_cuda_only(tf32, monkeypatch):
+    """The switches are global flags, settable without a GPU: CUDA gets TF32 (or IEEE) and cuDNN's autotuner; a CPU
+    run changes nothing."""
+    from cvt_train.engine.precision import set_gpu_defaults
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark)
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "none"
+        torch.backends.cudnn.benchmark = False
+        set_gpu_defaults(torch.device("cpu"), tf32=tf32)
+        assert (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark) == ("none", "none", False)
+        set_gpu_defaults(torch.device("cuda"), tf32=tf32, benchmark=True)
+        expected = "tf32" if tf32 else "ieee"
+        assert (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark) == (expected, expected, True)
+    finally:
+        matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark = saved

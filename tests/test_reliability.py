@@ -38,7 +38,10 @@ from conftest import compose_train
 from fakedata import write_cifar10_python
 
 # 300 train / 100 test images, batch 50: 6 steps per epoch, 3 epochs.
-BASE = ["model=cvt_cifar_tiny", "data=cifar10", "trainer.progress=false", "trainer.precision=fp32",
+# trainer.device=cpu: bit-exact comparisons (resume, ranks, eval) hold on CPU; on CUDA, cuDNN's algorithm choice
+# and atomic adds change the last bits (README, Reproducibility)
+BASE = ["trainer.device=cpu",
+        "model=cvt_cifar_tiny", "data=cifar10", "trainer.progress=false", "trainer.precision=fp32",
         "data.batch_size=50", "optim.lr=2e-3", "sched.warmup_epochs=0", "trainer.epochs=3"]
 METRIC_KEYS = ("top1", "top5", "loss", "best_top1", "epoch")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

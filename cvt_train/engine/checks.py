@@ -24,9 +24,9 @@ SCALARS = {
     "data.num_classes": (int, 1), "data.num_workers": (int, 0), "data.val_split": (float, 0, True, 1),
     "optim.lr": (float, 0, True), "optim.base_lr": (float, 0), "optim.base_batch_size": (int, 1),
     "optim.weight_decay": (float, 0), "sched.warmup_epochs": (float, 0), "sched.warmup_lr": (float, 0),
-    "sched.min_lr": (float, 0), "optim.fused": (bool, None),
+    "sched.min_lr": (float, 0), "optim.fused": (bool, None), "trainer.dist_timeout_min": (float, 1),
     **{f"trainer.{k}": (bool, None) for k in ("channels_last", "compile", "sync_bn", "deterministic", "progress",
-                                             "profile", "ema.enabled", "ema.warmup")},
+                                             "profile", "ema.enabled", "ema.warmup", "tf32")},
     **{f"data.{k}": (bool, None) for k in ("skip_corrupt", "download", "in_memory")},
 }
 # What a value means, where "expected ..." alone does not say what to give.
@@ -37,6 +37,7 @@ HINTS = {
 # The names engine/optim.py builds (build_optimizer, build_scheduler), and the keys each optimizer reads.
 OPTIMIZERS = {"adamw": ("optim.betas", "optim.eps"), "sgd": ("optim.momentum", "optim.nesterov")}
 SCHEDULES = ("cosine", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 OPTIM_SCALARS = {"optim.eps": (float, 0), "optim.momentum": (float, 0), "optim.nesterov": (bool, None)}
 
 
@@ -90,9 +91,9 @@ def check_scalars(cfg: DictConfig, prefix: str = "", missing_ok: bool = False) -
 def check_choice(cfg: DictConfig, key: str, choices, what: str) -> None:
     value = OmegaConf.select(cfg, key)
     if value not in choices:
-        group = key.split(".")[0]
+        chooser = key.split(".")[0] if key.endswith(".name") else key  # optim.name is chosen as optim=...
         raise UserError(f"{key}={_shown(value)!r}: unknown {what}; choose one of {', '.join(choices)} "
-                        f"(e.g. {group}={choices[0]})")
+                        f"(e.g. {chooser}={choices[0]})")
 
 
 def check_optim(cfg: DictConfig) -> None:
@@ -120,6 +121,7 @@ def check_config(cfg: DictConfig) -> None:
     before joining the process group)."""
     check_scalars(cfg)
     check_optim(cfg)
+    check_choice(cfg, "trainer.compile_mode", COMPILE_MODES, "torch.compile mode")
     check_precision(cfg.trainer.precision)
     resolve_device(cfg.trainer.device)  # a device name only; nothing is allocated
     mc = model_config(cfg.model)

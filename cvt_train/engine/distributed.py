@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -56,9 +57,10 @@ def export_submitit_env() -> bool:
     return True
 
 
-def init_distributed(device_name: str) -> DistInfo:
+def init_distributed(device_name: str, timeout_min: float = 60) -> DistInfo:
     """Join the process group torchrun (or a multi-task submitit job) describes in the environment (NCCL on GPU,
-    gloo on CPU); else single process."""
+    gloo on CPU); else single process. timeout_min: how long a collective waits for the slowest rank (eight ranks
+    compiling at once, or rank 0 writing a multi-GB checkpoint, can take well over torch's 10-minute default)."""
     export_submitit_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,7 +68,8 @@ def init_distributed(device_name: str) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min),
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, device)
 
 

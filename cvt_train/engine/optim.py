@@ -25,12 +25,13 @@ def build_optimizer(model: nn.Module, optim: DictConfig, lr: float) -> torch.opt
         if p.requires_grad:
             (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for the whole update instead of a dozen per tensor (AdamW, CvT-13 on CPU: 43 -> 15 ms/step),
+    # and it skips a step with non-finite gradients on the device (found_inf), with no host read
+    fused = bool(optim.fused) and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     if optim.name == "adamw":
-        # fused: one kernel for the whole update instead of a dozen per tensor (CvT-13 on CPU: 43 -> 15 ms/step)
-        fused = bool(optim.fused) and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
     if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=fused)
     raise UserError(f"optim.name: unknown optimizer {optim.name!r}; choose adamw or sgd")
 
 

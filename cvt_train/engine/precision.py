@@ -38,6 +38,21 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
+def set_gpu_defaults(device: torch.device, tf32: bool = True, benchmark: bool = True) -> None:
+    """On CUDA: TF32 tensor cores for fp32 matmuls and convs (Ampere and newer; ~10 mantissa bits, what fp32
+    training in the field runs with) unless tf32=False, and cuDNN's autotuner unless runs must be deterministic.
+    torch >= 2.9 has the per-backend `fp32_precision` switches; older ones the `allow_tf32` flags (never both:
+    torch refuses a mix)."""
+    if device.type != "cuda":
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = benchmark
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -37,7 +36,7 @@ from .checkpoint import (FORMAT_VERSION, fault_point, load_training_checkpoint, 
 from .distributed import DistInfo, all_reduce_max, any_rank, broadcast_object, init_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler, learning_rate, load_optimizer_state
-from .precision import autocast, autocast_dtype
+from .precision import autocast, autocast_dtype, set_gpu_defaults
 
 log = logging.getLogger("cvt_train")
 # SIGUSR1: what `sbatch --signal` sends by convention; SIGUSR2: submitit's preemption / time-out signal.
@@ -49,20 +48,47 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + step * 101 + rank) % (2**63)
 
 
-def ema_avg_fn(decay: float, warmup: bool):
-    """EMA update for AveragedModel; with warmup the decay ramps as min(decay, (1 + n) / (10 + n))."""
+class WeightEma:
+    """EMA of the weights and buffers (BatchNorm statistics) kept in a `torch.optim.swa_utils.AveragedModel`, whose
+    state dict (`module.*`, `n_averaged`) is what checkpoints store.
 
-    def update(ema_params, params, num_averaged):
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - d)
-        for e, p in zip(ema_params, params):
-            if not e.is_floating_point():  # BatchNorm's num_batches_tracked: copied, not averaged
-                e.copy_(p)
+    Its own `update_parameters` reads `n_averaged` back to the host on every call (a GPU stall per step), so the
+    update is done here instead, as fused `_foreach` ops over tensor lists made once (timm's ModelEmaV3 does the
+    same), with the update count on the host (the optimizer step) and the skip decision a device tensor.
+    Decay with warmup: min(decay, (1 + n) / (10 + n)) for the n-th update (n = 0: a plain copy, as AveragedModel).
+    """
 
-    return update
+    def __init__(self, model: nn.Module, decay: float, warmup: bool, device: torch.device):
+        # device=: every tensor a collective (sync_buffers) touches must be on the rank's device, n_averaged too
+        self.averaged = AveragedModel(model, device=device, use_buffers=True)
+        self.decay, self.warmup = decay, warmup
+        pairs = list(zip(self.averaged.module.state_dict().values(), model.state_dict().values()))
+        self._floats = ([e for e, m in pairs if e.is_floating_point()], [m for e, m in pairs if e.is_floating_point()])
+        self._others = ([e for e, m in pairs if not e.is_floating_point()],  # num_batches_tracked: copied
+                        [m for e, m in pairs if not e.is_floating_point()])
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    def weight(self, n: int) -> float:
+        """How far the n-th update (0-based) moves the average towards the model: 1 - decay."""
+        if n == 0:
+            return 1.0
+        return 1.0 - (min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay)
+
+    @torch.no_grad()
+    def update(self, n: int, keep: torch.Tensor) -> None:
+        """The n-th update; `keep` (0-dim float on the device, 0 or 1) is 0 for a skipped optimizer step, which
+        leaves the average as it was: ema * (1 - w) + model * w with w = keep * weight(n), all on the device.
+        (One transient copy of the weights: no fused lerp takes a device-tensor weight on its fast path.)"""
+        ema, model = self._floats
+        w = keep * self.weight(n)
+        torch._foreach_mul_(ema, 1.0 - w)
+        torch._foreach_add_(ema, torch._foreach_mul(model, w))
+        if self._others[0]:
+            torch._foreach_copy_(*self._others)
+        self.averaged.n_averaged.add_(1)
 
 
 class StopRequest:
@@ -96,30 +122,32 @@ class StopRequest:
         if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)
 
-    def requested(self, device: torch.device) -> bool:
-        """Whether any rank got a signal (so every rank stops at the same step); adopts its number."""
-        signum = int(all_reduce_max(torch.tensor([self.signum or 0], device=device)).item())
+    def requested(self, dist: DistInfo) -> bool:
+        """Whether a stop signal came: this process's flag alone, or, under DDP, whether any rank got one (so that
+        every rank stops at the same step; call it at the same steps on every rank); adopts its number."""
+        if not dist.enabled:
+            return self.signum is not None
+        signum = int(all_reduce_max(torch.full((1,), self.signum or 0, device=dist.device)).item())
         if signum and self.signum is None:
             self.signum = signum
         return signum > 0
 
 
 def rng_states() -> dict:
+    """The host generators' states. No CUDA states: every batch reseeds torch (CPU and CUDA) from (seed, epoch,
+    step, rank), so they carry nothing a resume needs, and one state per visible GPU would tie the checkpoint to
+    the GPU count of the machine that wrote it."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain data, so weights_only loading accepts it
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
-              "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}}
 
 
 def restore_rng(states: dict) -> None:
+    """The host generators; a "cuda" entry (checkpoints of earlier versions) is ignored, whatever GPUs are here."""
     torch.set_rng_state(states["torch"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
     n = states["numpy"]
     np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def init_weights(model: CvT, path: str, verbose: bool) -> None:
@@ -159,6 +187,54 @@ class StopWatch:
                 close()
 
 
+class StepMeters:
+    """What the loop needs to know about its steps, kept on the device and read back only at log points (one host
+    read every `trainer.log_every` steps instead of several per step: each read lets the GPU run dry).
+
+    Per optimizer step: the summed finite losses, the steps skipped for non-finite gradients, and the run of
+    consecutive steps with a non-finite loss, with the global step at which it first reached `max_nonfinite`.
+    """
+
+    def __init__(self, device: torch.device, max_nonfinite: int):
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.max_nonfinite = max_nonfinite
+        self.window_loss, self.window_batches, self.window_skipped = zero(), zero(), zero()
+        self.epoch_loss, self.epoch_batches = zero(), zero()
+        self.bad_window = zero()  # a non-finite loss in the accumulation window in progress
+        self.streak, self.tripped_at = zero(), zero()  # tripped_at: global step (1-based) the streak hit the limit
+        self.step = zero()  # the global step, counted on the device too (no host-to-device copy per step)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        value = torch.where(finite, loss, 0.0)
+        for total in (self.window_loss, self.epoch_loss):
+            total.add_(value)
+        for count in (self.window_batches, self.epoch_batches):
+            count.add_(finite)
+        self.bad_window.logical_or_(~finite)
+
+    def end_step(self, skipped: torch.Tensor) -> None:
+        self.step.add_(1)
+        self.window_skipped.add_(skipped)
+        self.streak.add_(1).mul_(self.bad_window)  # +1 on a bad step, back to 0 on a good one
+        newly = (self.streak >= self.max_nonfinite) & (self.tripped_at == 0)
+        self.tripped_at.copy_(torch.where(newly, self.step, self.tripped_at))
+        self.bad_window.zero_()
+
+    def read_window(self) -> tuple[float, int, int, int]:
+        """(mean loss, batches, skipped steps) since the last read, and the tripped step (0 if none): one read."""
+        loss, batches, skipped, tripped = torch.stack(
+            [self.window_loss, self.window_batches, self.window_skipped, self.tripped_at]).tolist()
+        for t in (self.window_loss, self.window_batches, self.window_skipped):
+            t.zero_()
+        return loss / batches if batches else float("nan"), int(batches), int(skipped), int(tripped)
+
+    def read_epoch(self) -> float:
+        loss, batches = torch.stack([self.epoch_loss, self.epoch_batches]).tolist()
+        self.epoch_loss.zero_(), self.epoch_batches.zero_()
+        return loss / batches if batches else float("nan")
+
+
 @dataclass
 class Progress:
     """Where the run stands; saved in every checkpoint."""
@@ -175,11 +251,12 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         check_config(cfg)
         self.cfg, tcfg = cfg, cfg.trainer
-        self.dist = dist = init_distributed(tcfg.device)
+        self.dist = dist = init_distributed(tcfg.device, tcfg.dist_timeout_min)
         self.run_dir = Path(broadcast_object(str(run_dir)))
         if tcfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        set_gpu_defaults(dist.device, tf32=tcfg.tf32, benchmark=not tcfg.deterministic)
         torch.manual_seed(tcfg.seed)
 
         resume_path = self._resume_path()
@@ -220,23 +297,32 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, lr, optim_steps, tcfg.epochs)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = None
-        if tcfg.ema.enabled:
-            self.ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(tcfg.ema.decay, tcfg.ema.warmup), use_buffers=True)
+        self.grad_params = [p for p in model.parameters() if p.requires_grad]
+        # Fused optimizers skip a step on the device when told `found_inf` (the GradScaler's contract); others
+        # need the decision on the host: one read per step (the log says so below).
+        self.skips_on_device = bool(self.optimizer.param_groups[0].get("fused"))
+        self.ema = WeightEma(model, tcfg.ema.decay, tcfg.ema.warmup, dist.device) if tcfg.ema.enabled else None
+        self.meters = StepMeters(dist.device, tcfg.max_nonfinite)
         self.progress = Progress()
         if ckpt is not None:
             self._restore(ckpt, resume_path)
+        self.meters.step.fill_(self.progress.global_step)
 
-        self.train_model = model
+        self.train_model = self.eval_model = model
         if dist.enabled:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(model, device_ids=ids)
+            # bucket views: gradients live in DDP's buckets (no second copy). Not static_graph: its reducer reads
+            # its used-parameter map back every backward (cvt_cifar_tiny: 142 per step with gloo)
+            self.train_model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        self.ema_eval_model = self.ema.module if self.ema is not None else None
         if tcfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            compile_ = lambda m: torch.compile(m, mode=tcfg.compile_mode)  # noqa: E731
+            self.train_model, self.eval_model = compile_(self.train_model), compile_(model)
+            self.ema_eval_model = compile_(self.ema.module) if self.ema is not None else None
 
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
-        self.nonfinite = 0  # consecutive steps with a non-finite loss
         self.train_loss = float("nan")  # mean over the last epoch
+        self.log_history: list[dict] = []  # one entry per log point: step, epoch, loss, lr, skipped
         self.data_wait = 0.0  # fraction of the last epoch spent waiting for the data loader
         self.stop_signal: int | None = None  # the signal that stopped the run early, if one did
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -259,6 +345,9 @@ class Trainer:
             log.info("model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d)",
                      cfg.model.name, n_params / 1e6, cfg.data.name, data.num_train, data.num_val, data.num_classes,
                      lr, global_batch)
+            if not self.skips_on_device:
+                log.warning("optim.fused=false: skipping non-finite steps needs a host read per step (a GPU stall); "
+                            "fused optimizers decide on the device")
 
         self.on_main(open_run_dir)
 
@@ -279,7 +368,7 @@ class Trainer:
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
             if self.ema is not None and ckpt.get("ema_state") is not None:
-                self.ema.load_state_dict(ckpt["ema_state"])
+                self.ema.averaged.load_state_dict(ckpt["ema_state"])
             restore_rng(ckpt["rng"])
             self.progress = Progress(ckpt["epoch"], ckpt.get("step", 0), ckpt["global_step"],
                                      ckpt.get("best_top1", 0.0), ckpt.get("metrics", {}))
@@ -309,14 +398,14 @@ class Trainer:
                 p.epoch, p.step = epoch + 1, 0
                 if p.epoch % tcfg.eval_every == 0 or p.epoch == tcfg.epochs:
                     improved = self.evaluate(seen, seconds)
-                    if improved:  # best.pt first: a kill before last.pt is written redoes the epoch and best.pt
+                    if improved:  # best.pt before last.pt: a kill between the two redoes the epoch and best.pt
                         self.save("best.pt")
                 self.save("last.pt")
-                if p.epoch < tcfg.epochs and stop.requested(self.dist.device):  # it came during the evaluation
+                if p.epoch < tcfg.epochs and stop.requested(self.dist):  # it came during the evaluation
                     self.stopped(stop)
                     return p.best_top1
-            if stop.requested(self.dist.device):  # during the last evaluation: the run is complete, but a sweep
-                self.stop_signal = stop.signum   # must still stop (train.py)
+            if stop.requested(self.dist):  # during the last evaluation: the run is complete, but a sweep
+                self.stop_signal = stop.signum  # must still stop (train.py)
         self.on_main(lambda: profiler is not None and write_profile(profiler, self.run_dir))
         if self.dist.enabled:
             check_ranks_agree(self.model, self.dist)
@@ -325,10 +414,10 @@ class Trainer:
 
     def train_epoch(self, epoch: int, first: int, stop: StopRequest, profiler) -> tuple[int, float] | None:
         """Batches `first`.. of `epoch`; returns (images seen, seconds), or None after a stop signal (any rank's),
-        with last.pt written at the step reached."""
+        with last.pt written at the step reached. Nothing is read back from the device between log points."""
         tcfg, dist = self.cfg.trainer, self.dist
         self.train_model.train()
-        t0, seen, loss_sum, batches_done = time.perf_counter(), 0, 0.0, 0
+        t0, seen = time.perf_counter(), 0
         loader_clock = StopWatch()  # time blocked waiting for the next batch
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
                    disable=not (dist.is_main and tcfg.progress), dynamic_ncols=True, leave=False, mininterval=1.0)
@@ -336,34 +425,56 @@ class Trainer:
         for step, (images, targets) in enumerate(batches, start=first):
             if step >= self.steps_per_epoch:
                 break
-            loss, stepped = self.train_step(images, targets, epoch, step)
             seen += images.shape[0]
-            if math.isfinite(loss):
-                loss_sum, batches_done = loss_sum + loss, batches_done + 1
-            if not stepped:  # inside an accumulation window
+            if not self.train_step(images, targets, epoch, step):  # inside an accumulation window
                 continue
+            bar.update(tcfg.accum_steps)
             if profiler is not None:
                 profiler.step()
-            elapsed = time.perf_counter() - t0
-            ips = seen * dist.world_size / elapsed
-            lr = self.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}",
-                            data_wait=f"{loader_clock.seconds / elapsed:.0%}")
-            bar.update(tcfg.accum_steps)
-            if self.writer is not None and self.progress.global_step % tcfg.log_every == 0:
-                for name, value in (("loss", loss), ("lr", lr), ("images_per_s", ips)):
-                    self.writer.add_scalar(f"train/{name}", value, self.progress.global_step)
-            if stop.requested(dist.device):
+            at_log_point = self.progress.global_step % tcfg.log_every == 0
+            if at_log_point:
+                elapsed = time.perf_counter() - t0
+                self.log_point(bar, seen * dist.world_size / elapsed, loader_clock.seconds / elapsed)
+            # one process: a Python flag, every step; DDP: a collective, so only at log points (same step everywhere)
+            if (at_log_point or not dist.enabled) and stop.requested(dist):
                 self.progress.step = step + 1
+                self.log_point(bar)  # the divergence check comes before the save
                 self.save("last.pt")
                 bar.close()
                 self.stopped(stop)
                 return None
         bar.close()
-        self.train_loss = loss_sum / max(1, batches_done)
-        seconds = time.perf_counter() - t0
-        self.data_wait = loader_clock.seconds / max(seconds, 1e-9)
+        seconds = max(time.perf_counter() - t0, 1e-9)
+        self.data_wait = loader_clock.seconds / seconds
+        self.log_point(None, seen * dist.world_size / seconds, self.data_wait)
+        self.train_loss = self.meters.read_epoch()
         return seen, seconds
+
+    def log_point(self, bar=None, images_per_s: float | None = None, data_wait: float | None = None) -> None:
+        """Read the step meters back (the loop's one host read, every trainer.log_every steps, at the end of an
+        epoch and before a save), stop a diverged run, log."""
+        p, dist, tcfg = self.progress, self.dist, self.cfg.trainer
+        loss, batches, skipped, tripped = self.meters.read_window()
+        if dist.enabled:  # each rank saw its own losses; all stop together
+            tripped = int(all_reduce_max(torch.full((1,), tripped, device=dist.device)).item())
+        if tripped:
+            epoch, step = divmod(tripped - 1, self.steps_per_epoch // tcfg.accum_steps)
+            raise UserError(
+                f"training diverged: non-finite loss for {tcfg.max_nonfinite} consecutive steps (epoch {epoch + 1}, "
+                f"step {(step + 1) * tcfg.accum_steps}); {self.last_good()}; lower optim.lr, set trainer.grad_clip, "
+                "or use trainer.precision=bf16/fp32")
+        if images_per_s is None or not batches:  # (nothing since the last log point)
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log_history.append({"step": p.global_step, "epoch": p.epoch + 1, "loss": loss, "lr": lr,
+                                 "skipped": skipped})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}",
+                            data_wait=f"{data_wait:.0%}")
+        if self.writer is not None:
+            for name, value in (("loss", loss), ("lr", lr), ("images_per_s", images_per_s),
+                                ("skipped_steps", skipped)):
+                self.writer.add_scalar(f"train/{name}", value, p.global_step)
 
     def stopped(self, stop: StopRequest) -> None:
         """last.pt is written where the run stopped: say how to resume, then let an earlier handler have the signal."""
@@ -375,9 +486,9 @@ class Trainer:
                         stop.signum, p.epoch + 1, p.step, self.run_dir)
         stop.pass_on()
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> tuple[float, bool]:
-        """Forward and backward of one batch, and the optimizer step at the end of an accumulation window; returns
-        the batch's loss and whether the optimizer stepped."""
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> bool:
+        """Forward and backward of one batch, and the optimizer step at the end of an accumulation window (returns
+        whether it came). No host read: a step with non-finite gradients is skipped on the device."""
         tcfg, dist = self.cfg.trainer, self.dist
         torch.manual_seed(step_seed(tcfg.seed, epoch, step, dist.rank))
         boundary = (step + 1) % tcfg.accum_steps == 0
@@ -387,34 +498,33 @@ class Trainer:
                 logits = self.train_model(images)
             loss = self.loss_fn(logits.float(), targets)
             self.scaler.scale(loss / tcfg.accum_steps).backward()
-        loss_value = loss.item()
-        finite = math.isfinite(loss_value)
-        if dist.enabled:  # one decision for all ranks: a rank that skipped a step alone would hang the others later
-            finite = not any_rank(not finite, dist.device)
-        if finite:
-            self.nonfinite = 0
-        else:
-            self.nonfinite += 1
-            if self.nonfinite >= tcfg.max_nonfinite:
-                raise UserError(
-                    f"training diverged: non-finite loss for {self.nonfinite} consecutive steps (epoch {epoch + 1}, "
-                    f"step {step + 1}); {self.last_good()}; lower optim.lr, set trainer.grad_clip, or use "
-                    "trainer.precision=bf16/fp32")
+        self.meters.add_loss(loss.detach())
         if not boundary:
-            return loss_value, False
+            return False
+        # Gradients are all-reduced by now, so every rank reaches the same decision with no collective.
+        self.scaler.unscale_(self.optimizer)  # (a no-op unless fp16)
         if tcfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
-        if finite or self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # with fp16 the scaler itself skips steps with inf/nan gradients
+            norm = nn.utils.clip_grad_norm_(self.grad_params, tcfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([q.grad for q in self.grad_params if q.grad is not None])
+        skip = (~torch.isfinite(norm)).float()  # 0-dim, on the device
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # passes its found_inf (the same decision) to the fused kernel
             self.scaler.update()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
+        elif self.skips_on_device:
+            self.optimizer.found_inf = skip  # read by the fused kernels: the update is skipped where it is 1
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not skip.item():  # unfused: the decision must come to the host
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.progress.global_step, 1.0 - skip)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.meters.end_step(skip)
         self.progress.global_step += 1
         fault_point("step", self.progress.global_step)  # test hook (fault injection), see checkpoint.py
-        return loss_value, True
+        return True
 
     def evaluate(self, seen: int, seconds: float) -> bool:
         """Validate after an epoch, log and write metrics.json; returns whether top-1 improved on the best."""
@@ -422,7 +532,8 @@ class Trainer:
         self.sync_buffers()
         self.ensure_finite()
         images_per_s = seen * dist.world_size / max(seconds, 1e-9)
-        metrics = run_evaluation(self.model, self.ema, self.data, dist, self.amp_dtype, tcfg.progress, p.epoch)
+        metrics = run_evaluation(self.eval_model, self.ema_eval_model, self.data, dist, self.amp_dtype, tcfg.progress,
+                                 p.epoch, pad_to=self.data.batch_size if tcfg.compile else None)
         metrics.update(epoch=p.epoch, **self.run_info, wall_time_s=time.perf_counter() - self.wall_start,
                        images_per_s=images_per_s, data_wait=self.data_wait)
         if self.data.skipped:  # data.skip_corrupt=true: how many unreadable images were left out so far
@@ -456,11 +567,14 @@ class Trainer:
         non-finite loss was skipped)."""
         p = self.progress
         where = f"at epoch {p.epoch + 1} step {p.step}" if p.step else f"after epoch {p.epoch}"
-        for prefix, module in (("", self.model), ("ema.", self.ema.module if self.ema is not None else None)):
-            for name, t in (module.state_dict().items() if module is not None else ()):
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise UserError(f"training diverged: {prefix}{name} holds NaN/inf {where}; {self.last_good()}; "
-                                    "lower optim.lr, set trainer.grad_clip, or use trainer.precision=bf16/fp32")
+        tensors = {name: t for name, t in self.model.state_dict().items() if t.is_floating_point()}
+        if self.ema is not None:
+            tensors.update({f"ema.{n}": t for n, t in self.ema.module.state_dict().items() if t.is_floating_point()})
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()  # one host read
+        for name, ok in zip(tensors, finite):
+            if not ok:
+                raise UserError(f"training diverged: {name} holds NaN/inf {where}; {self.last_good()}; "
+                                "lower optim.lr, set trainer.grad_clip, or use trainer.precision=bf16/fp32")
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics, EMA). DDP broadcasts them before each forward, but
@@ -470,12 +584,12 @@ class Trainer:
             return
         import torch.distributed as tdist
 
-        modules = [self.model] + ([self.ema] if self.ema is not None else [])  # the EMA's weights and counter too
+        modules = [self.model] + ([self.ema.averaged] if self.ema is not None else [])  # EMA weights, counter too
         for module in modules:
             for t in module.buffers():
                 tdist.broadcast(t, src=0)
         if self.ema is not None:
-            for t in self.ema.parameters():
+            for t in self.ema.averaged.parameters():
                 tdist.broadcast(t.data, src=0)
 
     def save(self, name: str) -> None:
@@ -486,7 +600,7 @@ class Trainer:
         self.on_main(lambda: save_atomic({
             "format_version": FORMAT_VERSION, "model": self.model.state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
-            "ema_state": ema.state_dict() if ema is not None else None,
+            "ema_state": ema.averaged.state_dict() if ema is not None else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": p.epoch, "step": p.step, "global_step": p.global_step, "best_top1": p.best_top1,
@@ -558,13 +672,17 @@ def check_ranks_agree(model: nn.Module, dist: DistInfo) -> None:
             raise RuntimeError(f"ranks hold different weights after training: checksums {sums}")
 
 
-def run_evaluation(model, ema, data, dist: DistInfo, amp_dtype, progress: bool, epoch: int = 0) -> dict:
+def run_evaluation(model: nn.Module, ema_model: nn.Module | None, data, dist: DistInfo, amp_dtype, progress: bool,
+                   epoch: int = 0, pad_to: int | None = None) -> dict:
+    """Metrics of `model` (and `ema_` ones of the EMA's); pad_to: pad a smaller last batch (compiled models, so
+    that it does not compile a second graph)."""
     bar = tqdm(total=data.num_val, desc="eval", disable=not (dist.is_main and progress), leave=False,
                dynamic_ncols=True)
     metrics = evaluate(model, _eval_fault_point(data.val_batches(), epoch), dist.device,
-                       autocast(dist.device, amp_dtype), bar)
-    if ema is not None:
-        ema_metrics = evaluate(ema.module, data.val_batches(), dist.device, autocast(dist.device, amp_dtype))
+                       autocast(dist.device, amp_dtype), bar, pad_to=pad_to)
+    if ema_model is not None:
+        ema_metrics = evaluate(ema_model, data.val_batches(), dist.device, autocast(dist.device, amp_dtype),
+                               pad_to=pad_to)
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
     bar.close()
     return metrics

@@ -272,12 +272,13 @@ class CvT(nn.Module):
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(("cls_token", "pos_embed"))}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[-2:])
-        if size not in self._checked_sizes:  # a clear message instead of a conv error deep inside
-            stage_map_sizes(self.cfg, size)
-            self._checked_sizes.add(size)
-        if self.training and x.shape[0] == 1 and not any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
-            check_batch_of_one(self.cfg, size)  # (SyncBatchNorm pools the statistics of every rank's batch)
+        if not torch.compiler.is_compiling():  # host-side checks: a guard on the set would recompile each new size
+            size = tuple(x.shape[-2:])
+            if size not in self._checked_sizes:  # a clear message instead of a conv error deep inside
+                stage_map_sizes(self.cfg, size)
+                self._checked_sizes.add(size)
+            if self.training and x.shape[0] == 1 and not any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+                check_batch_of_one(self.cfg, size)  # (SyncBatchNorm pools the statistics of every rank's batch)
         cls = None
         for stage in self.stages:
             x, cls = stage(x)
