@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UserError
@@ -19,10 +20,18 @@ def create_model(name_or_config: Any = "cvt13", **overrides: Any) -> CvT:
     return CvT(model_config(name_or_config, **overrides))
 
 
+def load_model(path: str | Path, use_ema: bool = False) -> CvT:
+    """The model of one of our checkpoints (`best.pt`, `last.pt`), built from the config stored in it (read as
+    plain data, never instantiated), with its weights or, with use_ema, its EMA weights; in eval mode."""
+    from .eval import load_model as load  # (the cvt-eval module; imported on use, it pulls in Hydra)
+
+    return load(path, use_ema=use_ema)
+
+
 def from_official_spec(spec: Mapping, num_classes: int = 1000, **overrides: Any) -> CvT:
     """A CvT from the MODEL.SPEC block of an official CvT yaml (upper-case keys, INIT included)."""
     return CvT(model_config(official_spec_to_config(spec, num_classes), **overrides))
 
 
-__all__ = ["create_model", "from_official_spec", "load_checkpoint", "count_macs", "CvT", "ModelConfig",
-           "UserError", "preset_names"]
+__all__ = ["create_model", "from_official_spec", "load_checkpoint", "load_model", "count_macs", "CvT",
+           "ModelConfig", "UserError", "preset_names"]

@@ -154,7 +154,9 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
         out.data.image_size = int(cfg.eval.resolution)
     if cfg.eval.batch_size:
         out.data.batch_size = int(cfg.eval.batch_size)
-    out.data.train_subset = None  # evaluation never subsamples training data by accident
+    for key in ("data.train_subset", "data.val_subset"):  # a subset a run was trained with (a smoke run's) is not
+        if key not in keys:                                 # what an evaluation of a split means: only cvt-eval's own
+            OmegaConf.update(out, key, None, merge=False)
     return out
 
 

@@ -210,6 +210,26 @@ def test_official_and_hf_weight_files(ckpt, cifar_root, test_images, tmp_path):
     assert_one_error_line(result, "model=")
 
 
+def test_subset_trained_checkpoint_is_evaluated_on_the_whole_split(cifar_root, tmp_path):
+    """A smoke run trained and validated on subsets (data.val_subset=30): cvt-eval eval.split=test uses all N_TEST
+    test images, and only a data.val_subset given to cvt-eval itself subsamples them; eval.json says how many."""
+    run_dir = tmp_path / "run"
+    with initialize_config_module("cvt_train.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*FAST, "data=cifar10", f"data.root={cifar_root}", "trainer.epochs=1",
+                                          "trainer.max_steps_per_epoch=1", "data.train_subset=100",
+                                          "data.val_subset=30"])
+    train(cfg, run_dir)
+    assert json.loads((run_dir / "metrics.json").read_text())["images"] == 30
+    result, report = cvt_eval([f"ckpt={run_dir / 'last.pt'}", "eval.split=test", "trainer.precision=fp32"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["images"] == N_TEST
+    result, report = cvt_eval([f"ckpt={run_dir / 'last.pt'}", "eval.split=test", "data.val_subset=20"], tmp_path,
+                              name="subset")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["images"] == 20
+    assert cvt_train.load_model(run_dir / "last.pt").cfg.name == "cvt_cifar_tiny"  # at the package's top level
+
+
 @pytest.mark.parametrize("name,paper", [("cvt13", 4.5), ("cvt21", 7.1)])
 def test_gmacs_at_224_match_the_paper(name, paper, tmp_path):
     """An official-format file with a 10-class head (the head is 0.01% of the MACs) on a few 32px PNGs the
