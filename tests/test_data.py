@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms import v2
 
-from cvt_train.data import aug_config, build_data
+from cvt_train.data import aug_config, build_data, derive_seed
 from cvt_train.data.transforms import NoisyRandAugment, batch_crop_flip, photometric
 from cvt_train.errors import UserError
 
@@ -186,6 +186,49 @@ def test_val_split_and_subsets(cifar_root, folder_root, tmp_path):
         build_data(folder_cfg(root, tmp_path, data__image_size=8))
     data = build_data(folder_cfg(root, tmp_path, data__image_size=8, data__val_split=0.1))
     assert (data.num_train, data.num_val) == (27, 3)
+
+
+def test_folder_scan_hidden_nested_gif_and_faults(tmp_path):
+    """torchvision's make_dataset with our differences: hidden entries left out, GIF accepted, one-line faults."""
+    root = tmp_path / "scan"
+    write_folder(root, "train", 2, size=8)
+    write_folder(root, "test", 2, size=8, first_id=50)
+    img = encoded(np.zeros((3, 8, 8), np.uint8), 1, 60).transpose(1, 2, 0)
+    (root / "train" / "dog" / "sub").mkdir()
+    Image.fromarray(img).save(root / "train" / "dog" / "sub" / "nested.png")  # sub-folders count, as in ImageFolder
+    Image.fromarray(img).save(root / "train" / "dog" / "anim.gif")
+    for hidden in (root / "train" / ".ipynb_checkpoints", root / "train" / "cat" / ".ipynb_checkpoints"):
+        hidden.mkdir()
+        Image.fromarray(img).save(hidden / "x-checkpoint.png")
+    (root / "train" / "cat" / "._000.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (root / "train" / "frog" / "notes.txt").write_text("not an image")
+    for in_memory in (True, False):
+        data = build_data(folder_cfg(root, tmp_path, in_memory=in_memory, data__image_size=8, data__batch_size=2))
+        assert data.classes == CLASSES and data.num_train == 8
+        ids = sorted(i for x, _ in data.train_batches(0) for i in decode_ids(x, folder_cfg(root, tmp_path))[1])
+        assert ids == [0, 1, 2, 3, 4, 5, 60, 60]
+    (root / "train" / "frog" / "000.png").unlink()
+    (root / "train" / "frog" / "001.jpg").unlink()
+    msg = one_line_error(folder_cfg(root, tmp_path, data__image_size=8), r"frog: class folder has no images")
+    assert ".gif" in msg and ".png" in msg
+    empty = tmp_path / "noclasses"
+    (empty / "train" / ".ipynb_checkpoints").mkdir(parents=True)
+    (empty / "test").mkdir()
+    one_line_error(folder_cfg(empty, tmp_path), r"train: no class folders; expected train/<class>/<image files>")
+
+
+def test_derive_seed_unrelated_neighbours():
+    """63-bit, a pure function of the tuple, and different for neighbouring or ambiguous tuples."""
+    tuples = [(), (0,), (0, 0), (0, 0, 0), (1,), (0, 1), (1, 0), (2**32,), (0, 1, 0), (-1,), (-1, 0),
+              *[(0, e, 2, i) for e in range(3) for i in range(50)], *[(s, 0, 3, r, k) for s in range(3)
+                                                                       for r in range(3) for k in range(3)]]
+    seeds = [derive_seed(*t) for t in tuples]
+    assert seeds == [derive_seed(*t) for t in tuples] and all(0 <= s < 2**63 for s in seeds)
+    assert len(set(seeds)) == len(tuples)
+    assert derive_seed(-1) == derive_seed(2**64 - 1)  # a part counts as its 64-bit two's complement
+    assert derive_seed(np.int64(5), torch.tensor(1)) == derive_seed(5, 1)
+    bits = np.array([bin(derive_seed(0, 0, 2, i) ^ derive_seed(0, 0, 2, i + 1)).count("1") for i in range(200)])
+    assert 28 < bits.mean() < 35  # neighbours differ in about half of the 63 bits
 
 
 def test_digits_embedded_set():

@@ -31,34 +31,28 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ..errors import UserError
-from .sources import CorruptImage, Source, Split, cfg_get, decode_file, load_source
+from .sources import CorruptImage, Source, Split, decode_file, load_source
 from .transforms import (AugConfig, Mixer, aug_config, batch_crop_flip, eval_sample_transform, normalize_batch,
                          photometric, resize_batch, train_sample_transform)
 
 log = logging.getLogger(__name__)
 
 SPLIT_SEED = 0  # fixed: val_split / subsets never depend on trainer.seed, so a checkpoint is evaluated on its split
-_M64 = (1 << 64) - 1
+_M64 = (1 << 64) - 1  # a part is hashed as its 64-bit two's complement (negative seeds work)
 TAG_ORDER, TAG_SAMPLE, TAG_BATCH, TAG_ERASE, TAG_MIX = 1, 2, 3, 4, 5
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
 def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from a tuple of ints (splitmix64 chain): neighbouring tuples give unrelated streams."""
-    h = 0
-    for p in parts:
-        h = _splitmix64(h ^ (int(p) & _M64))
-    return h >> 1
+    """A well-mixed 63-bit seed from a tuple of ints (numpy's SeedSequence): neighbouring tuples give unrelated
+    streams. Each part is one fixed-width uint64 and the count comes last, since SeedSequence alone maps 0 and
+    (0, 0), or 2**32 and (0, 1), to the same state."""
+    words = np.array([int(p) & _M64 for p in parts] + [len(parts)], dtype=np.uint64)
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1
 
 
 @contextlib.contextmanager
@@ -88,6 +82,7 @@ def _seed_cpu(seed: int) -> None:
 
 class EpochOrder:
     """Which dataset indices rank `rank` trains on at each step of an epoch (drop_last)."""
+    # hand-written, not DistributedSampler: exact resume needs batch `step` without replaying the earlier ones
 
     def __init__(self, indices: torch.Tensor, seed: int, rank: int, world_size: int, batch_size: int):
         self.indices, self.seed, self.rank, self.world_size = indices, seed, rank, world_size
@@ -110,6 +105,7 @@ class EpochOrder:
 class _Steps:
     """Sampler over the steps of one epoch: yields (epoch, step) (in-memory) or lists of (epoch, step, index)
     (streamed). Mutable (epoch, start_step) so one DataLoader with persistent workers serves every epoch."""
+    # hand-written: torch's samplers cannot start mid-epoch (exact resume) nor hand (epoch, step) keys to the workers
 
     def __init__(self, order: EpochOrder, per_sample: bool):
         self.order, self.per_sample = order, per_sample
@@ -245,7 +241,7 @@ class Data:
 
     def __init__(self, cfg: Any, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                  train: bool = True, eval_on_train: bool = False):
-        dcfg = {k: cfg_get(cfg.data, k) for k in cfg.data}  # plain values; an unset `???` reads as None
+        dcfg = {k: OmegaConf.select(cfg.data, k) for k in cfg.data}  # plain values; an unset `???` reads as None
         self.aug = aug_config(cfg.get("aug"))
         trainer = cfg.get("trainer") or {}
         self.seed = int(trainer.get("seed", 0) or 0)
@@ -414,7 +410,7 @@ class Data:
                 f"{self.world_size}, {'in memory' if self.in_memory else 'streamed'}, aug={self.aug.name})")
 
 
-def _worker_signals(_worker_id: int) -> None:
+def _worker_signals(_worker_id: int) -> None:  # hand-written: torch has no option to keep workers out of signals
     """In each DataLoader worker: outlive a stop signal sent to the whole process group (SLURM preemption and
     scancel signal every process of a job; Ctrl-C signals the terminal's process group).
 
@@ -438,7 +434,7 @@ def _worker_signals(_worker_id: int) -> None:
     threading.Thread(target=wait_for_parent, name="sigterm-from-parent", daemon=True).start()
 
 
-def _stop_workers(loader: DataLoader) -> None:
+def _stop_workers(loader: DataLoader) -> None:  # hand-written: DataLoader has no public stop for persistent workers
     it = getattr(loader, "_iterator", None)
     if it is not None and hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()

@@ -3,7 +3,8 @@
 Supported layouts (detected from what is in `data.root`):
     torchvision python format   ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
                                 ROOT/cifar-100-python/{train,test,meta}        (ROOT may also be that folder itself)
-    image folders               ROOT/train/<class>/*.{jpg,png,...} and ROOT/val/<class>/* or ROOT/test/<class>/*
+    image folders               ROOT/train/<class>/**/*.{jpg,png,...} and ROOT/val/<class>/** or ROOT/test/<class>/**
+                                (torchvision ImageFolder's files, less hidden ones; sub-folders of a class count)
     embedded quickstart set     data.name=digits (UCI optical digits, 8x8, shipped in data/assets/)
 
 A split is either decoded into memory (uint8 (N, 3, H, W); CIFAR and digits) or a list of files decoded on the fly
@@ -27,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 from ..errors import UserError
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # torchvision's list lacks GIF, which decode_file reads (torchvision.io)
 ASSETS = Path(__file__).resolve().parent / "assets"
 CACHE_VERSION = 1
 
@@ -115,18 +117,6 @@ def _short(e: Exception) -> str:
 # finding the data
 
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """cfg.get(key) that treats an unset `???` value like a missing key."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg) and key in cfg and OmegaConf.is_missing(cfg, key):
-            return default
-    except ImportError:
-        pass
-    return cfg.get(key, default)
-
-
 def resolve_root(root: Any) -> Path:
     """data.root as an absolute path (relative to the launch dir, also under Hydra)."""
     if root is None or str(root).strip() == "":
@@ -145,15 +135,16 @@ def resolve_root(root: Any) -> Path:
 
 
 def load_source(dcfg: Any, need_val: bool, need_train: bool = True) -> Source:
-    """Find and read the dataset of `data` config `dcfg`; `need_val` False when val_split > 0 (val/ is not read),
-    `need_train` False for evaluation only (Source.train then holds the val split's classes and no images)."""
+    """Find and read the dataset of `dcfg`, the `data` config as a plain dict (as Data makes it: an unset `???`
+    reads as None); `need_val` False when val_split > 0 (val/ is not read), `need_train` False for evaluation only
+    (Source.train then holds the val split's classes and no images)."""
     name = str(dcfg.get("name", ""))
     if name == "digits":
         return load_digits(int(dcfg.get("image_size")))
     if name not in ("cifar10", "cifar100", "imagenet", "folder"):
         raise UserError(f"data.name={name!r}: unknown dataset; choose one of cifar10, cifar100, imagenet, folder, "
                         "digits (data=<name>)")
-    root = resolve_root(cfg_get(dcfg, "root"))
+    root = resolve_root(dcfg.get("root"))
     download = bool(dcfg.get("download", False))
     if name in CIFAR and download and _find_cifar_pickles(root, name) is None and _find_folder(root) is None:
         _download_cifar(root, name)
@@ -223,30 +214,40 @@ def _find_folder(root: Path) -> tuple[Path, Path | None] | None:
 
 
 def scan_classes(split_dir: Path) -> list[str]:
-    classes = sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
+    try:  # hidden folders dropped: torchvision would make .ipynb_checkpoints/ (Jupyter) a class
+        classes = [c for c in find_classes(split_dir)[0] if not c.startswith(".")]
+    except FileNotFoundError:  # no sub-folder at all: the one-line UserError below says what layout is expected
+        classes = []
     if not classes:
         raise UserError(f"{split_dir}: no class folders; expected {split_dir.name}/<class>/<image files>")
     return classes
 
 
 def _scan_files(split_dir: Path, classes: list[str], stamps: bool) -> tuple[list[str], list[int], list[tuple]]:
-    """Sorted image files per class, their labels, and (rel path, size, mtime) for the cache key if `stamps`."""
-    paths, labels, stamp = [], [], []
-    for label, cls in enumerate(classes):
+    """Sorted image files per class (torchvision's make_dataset), their labels, and (rel path, size, mtime) for the
+    cache key if `stamps`."""
+    top = str(split_dir)
+
+    def visible_image(path: str) -> bool:  # hidden ones dropped: macOS ._x.jpg forks and .ipynb_checkpoints/ copies
+        return has_file_allowed_extension(path, EXTENSIONS) and f"{os.sep}." not in path[len(top):]
+
+    samples = make_dataset(top, {c: i for i, c in enumerate(classes)}, is_valid_file=visible_image, allow_empty=True)
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
+    for cls in (c for c, n in zip(classes, counts) if n == 0):  # ours, not torchvision's: names the folder, one line
         cdir = split_dir / cls
-        if not cdir.is_dir():
+        if not cdir.is_dir():  # torchvision skips a missing class folder silently
             raise UserError(f"{cdir}: class folder missing; every split needs the same class folders")
-        entries = sorted((e for e in os.scandir(cdir) if e.is_file() and not e.name.startswith(".")
-                          and e.name.lower().endswith(IMG_EXTS)), key=lambda e: e.name)
-        if not entries:
-            raise UserError(f"{cdir}: class folder has no images ({', '.join(IMG_EXTS)}); add images or remove it")
-        for e in entries:
-            paths.append(e.path)
-            labels.append(label)
-            if stamps:
-                st = e.stat()
-                stamp.append((f"{cls}/{e.name}", st.st_size, st.st_mtime_ns))
-    return paths, labels, stamp
+        raise UserError(f"{cdir}: class folder has no images ({', '.join(EXTENSIONS)}); add images or remove it")
+    paths, labels = [p for p, _ in samples], [label for _, label in samples]
+    return paths, labels, [(p[len(top) + 1:], *_size_mtime(p)) for p in paths] if stamps else []
+
+
+def _size_mtime(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:  # a dangling link: decoding reports it as an unreadable file
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 def list_folder(split_dir: Path, classes: list[str], skip: bool, dcfg: Any) -> Split:
