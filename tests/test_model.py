@@ -357,3 +357,49 @@ def test_torch_compile_training_step_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
     for (name, b), c in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(c, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_compile_model_modes():
+    from cvt_train.models import compile_model
+
+    model = tiny_model()
+    with pytest.raises(ValueError, match="unknown mode 'fast'; choose one of full, regional"):
+        compile_model(model, mode="fast")
+    full = compile_model(model)  # a wrapper; the model itself stays eager and keeps its state-dict names
+    assert full is not model and full._orig_mod is model
+    assert compile_model(model, mode="regional") is model  # in place
+    assert all(k == j for k, j in zip(model.state_dict(), tiny_model().state_dict()))
+
+
+@pytest.mark.slow  # compiles one block graph per stage, forward and backward: 30-90 s cold on 2 CPU cores
+def test_regional_compile_training_step_matches_eager():
+    """compile_model(mode="regional"): blocks compiled in place, no graph breaks, one graph per distinct block shape
+    (not per block), and the same outputs, gradients and BatchNorm statistics as eager, under bf16 autocast too."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from cvt_train.models import compile_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = tiny_model(**{"stages.2.depth": 3, "stages.2.drop_path_rate": 0.0}).train()  # no random drop path
+    compiled = compile_model(copy.deepcopy(eager), mode="regional")
+    x = torch.randn(4, 3, 32, 32)
+    for dtype in (None, torch.bfloat16):
+        outs = []
+        for model in (eager, compiled):
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(x)
+            out.float().square().mean().backward()
+            outs.append(out)
+        tol = {"atol": 1e-5, "rtol": 1e-4} if dtype is None else {"atol": 2e-2, "rtol": 2e-2}
+        torch.testing.assert_close(outs[1], outs[0], **tol)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, **tol, msg=name)
+            p.grad = q.grad = None
+        for (name, b), c in zip(eager.named_buffers(), compiled.buffers()):  # BatchNorm statistics
+            torch.testing.assert_close(c, b, **(tol if dtype else {"atol": 1e-6, "rtol": 0}), msg=name)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # 3 stages x (fp32, bf16): one graph per stage's block shape and precision, shared by the 3 blocks of stage 2
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])

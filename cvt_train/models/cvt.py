@@ -290,8 +290,33 @@ class CvT(nn.Module):
         return self.head(self.forward_features(x))
 
 
+COMPILE_MODES = ("full", "regional")
+
+
+def compile_model(model: nn.Module, mode: str = "full") -> nn.Module:
+    """torch.compile for a CvT (or a module holding one, e.g. DistributedDataParallel); returns what to call.
+
+    full: `torch.compile(model)`, one graph for the whole forward (and one for its backward); `model` itself stays
+    eager and its state dict keeps its names. regional: each transformer Block is compiled in place
+    (`block.compile(dynamic=False)`) and `model` is returned: blocks of the same shape share one graph, so CvT-13
+    compiles 2-3x faster (3 block graphs instead of the whole model), while the patch embeddings, the head and the
+    loss stay eager. dynamic=False because the blocks of all stages run the same code with different sizes, which
+    would otherwise make dynamo mark them dynamic, and Inductor fails on the dynamic graph (torch 2.14); so each new
+    batch size, precision or grad mode costs one graph per stage (dynamo's recompile limit is 8 per code object).
+    Measured on a 2-core CPU (docs/performance.md, "torch.compile on CPU"): training runs at eager speed (full) or
+    1-7% slower (regional); full compile makes inference 3-45% faster.
+    """
+    if mode == "full":
+        return torch.compile(model)
+    if mode == "regional":
+        for block in (m for m in model.modules() if isinstance(m, Block)):
+            block.compile(dynamic=False)
+        return model
+    raise ValueError(f"compile_model: unknown mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["CvT", "QuickGELU", "num_params"]
+__all__ = ["CvT", "QuickGELU", "compile_model", "num_params"]
