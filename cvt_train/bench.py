@@ -1,8 +1,10 @@
 """cvt-bench: training / inference throughput of CvT, achieved TFLOP/s against a matmul peak measured in the same
-run, peak memory; `bench.compare=hf` runs HF transformers' CvT of the same configuration alternately with ours.
+run, peak memory; `bench.compare=hf` runs HF transformers' CvT of the same configuration alternately with ours,
+`bench.compare=eager` (with `bench.compile=true`) our compiled model alternately with the same model eager.
 
     cvt-bench model=cvt13 bench.batch_size=16 bench.mode=train trainer.precision=bf16
     cvt-bench model=cvt13 bench.compare=hf bench.mode=infer
+    cvt-bench model=cvt13 bench.compile=true bench.compare=eager   # compiled vs eager, one run
     cvt-bench -m bench.batch_size=8,16,32            # a sweep: one bench.json per job
 
 Method. Every implementation gets `bench.warmup` untimed steps, then `bench.steps` timed ones. With a comparison
@@ -15,6 +17,7 @@ the optimizer step is not counted.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -33,16 +36,18 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import create_model
+from . import config as _config  # noqa: F401  (registers the schemas before @hydra.main composes)
 from .cli import check_overrides, friendly_errors
 from .errors import UserError
 from .flops import count_flops, count_macs
-from .models import ModelConfig, model_config, num_params
+from .models import ModelConfig, compile_model, model_config, num_params
 from .engine.checks import check_scalar
 from .engine.distributed import resolve_device
 from .engine.precision import autocast, autocast_dtype, check_precision, precision_name
 from .models.convert import to_format
 
 MODES = ("train", "infer")
+COMPARE = (None, "hf", "eager")
 
 
 # ----------------------------------------------------------------------------------------------- setup helpers
@@ -132,12 +137,13 @@ class Runner:
     x: torch.Tensor
     y: torch.Tensor
     amp_dtype: torch.dtype | None  # None = fp32, no autocast
+    compiled: bool = False  # torch.compile the model (self.model stays the eager module)
     times: list[float] = field(default_factory=list)
     peak_mem_mb: float | None = None
 
     def __post_init__(self):
         b = self.cfg.bench
-        self.fn = torch.compile(self.model) if b.compile else self.model
+        self.fn = compile_model(self.model) if self.compiled else self.model
         self.sync = synchronizer(self.device)
         if b.mode == "train":
             self.model.train()
@@ -245,8 +251,10 @@ def check(cfg: DictConfig) -> None:
     if b.mode not in MODES:
         raise UserError(f"bench.mode: unknown mode {b.mode!r}; choose train or infer")
     check_precision(cfg.trainer.precision)
-    if b.compare not in (None, "hf"):
-        raise UserError(f"bench.compare: unknown reference {b.compare!r}; use hf or null")
+    if b.compare not in COMPARE:
+        raise UserError(f"bench.compare: unknown reference {b.compare!r}; use hf, eager or null")
+    if b.compare == "eager" and not b.compile:
+        raise UserError("bench.compare=eager compares the compiled model with the eager one: add bench.compile=true")
     for key, low in (("batch_size", 1), ("resolution", 1), ("steps", 1), ("warmup", 0), ("threads", 1), ("peak_size", 1)):
         check_scalar(cfg, f"bench.{key}", int, low, nullable=key in ("threads", "peak_size"))
 
@@ -282,7 +290,7 @@ def run(cfg: DictConfig) -> dict:
     width = model.cfg.num_classes or model.num_features
     y = torch.randint(0, width, (b.batch_size,), device=device)
     gmacs = count_macs(model, (model.cfg.in_chans, r, r)) / 1e9  # also checks the resolution, with a clear error
-    ours = Runner("ours", model, cfg, device, x, y, amp_dtype)
+    ours = Runner("ours", model, cfg, device, x, y, amp_dtype, compiled=bool(b.compile))
     flops = ours.flops_per_step()
     ours.warmup(b.warmup)
     runners = [ours]
@@ -295,13 +303,18 @@ def run(cfg: DictConfig) -> dict:
         hf.load_state_dict(to_format(model.state_dict(), "hf"))  # the same weights and BatchNorm statistics
         hf = HFLogits(hf).to(device=device, memory_format=memory_format)
         result["hf_max_abs_diff"] = same_math(model, hf, x)
-        theirs = Runner("hf", hf, cfg, device, x, y, amp_dtype)
+        theirs = Runner("hf", hf, cfg, device, x, y, amp_dtype, compiled=bool(b.compile))
         result["hf_flops_per_step"] = theirs.flops_per_step()
+        theirs.warmup(b.warmup)
+        runners.append(theirs)
+    elif b.compare == "eager":  # the same weights in a second module with its own optimizer, not compiled
+        theirs = Runner("eager", copy.deepcopy(model), cfg, device, x, y, amp_dtype)
+        result["eager_flops_per_step"] = flops  # the same model
         theirs.warmup(b.warmup)
         runners.append(theirs)
 
     peak = MatmulPeak(device, amp_dtype or torch.float32, b.peak_size or (4096 if device.type == "cuda" else 2048))
-    for i in range(b.steps):  # ABBA: ours, hf, hf, ours, ...
+    for i in range(b.steps):  # ABBA: ours, ref, ref, ours, ...
         for runner in (runners if i % 2 == 0 else runners[::-1]):
             runner.timed_step()
         peak.measure()
@@ -313,22 +326,23 @@ def run(cfg: DictConfig) -> dict:
         "peak_fraction": tflops / peak.tflops(), "flops_per_step": flops,
         "peak_memory_mb": ours.peak_mem_mb if device.type == "cuda" else cpu_rss_ours,
         "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                             "process max RSS (ours: before HF's model existed; hf: at the end, both resident)"
-                             if hf_cfg is not None else "process max RSS"),
+                             f"process max RSS (ours: before the {b.compare} model existed; {b.compare}: at the end, "
+                             "both resident)" if b.compare else "process max RSS"),
         "device": device_name(device), "device_type": device.type, "model": model.cfg.name, "act": model.cfg.act,
         "mode": b.mode, "precision": precision, "batch_size": b.batch_size, "resolution": r, "steps": b.steps,
         "warmup": b.warmup, "compile": bool(b.compile), "channels_last": bool(b.channels_last),
         "peak_matmul": f"{peak.n}x{peak.n} {str(peak.dtype).removeprefix('torch.')}", "compare": b.compare,
         "threads": torch.get_num_threads(), "load_average_before": load_before, "load_average_after": load_average(),
         "torch_version": torch.__version__, **result}
-    if len(runners) > 1:
-        h = theirs.stats()
-        hf_tflops = result["hf_flops_per_step"] / (h["step_ms_median"] / 1e3) / 1e12
-        result.update({f"hf_{k}": v for k, v in h.items()})
-        result.update(hf_tflops=hf_tflops, hf_peak_fraction=hf_tflops / peak.tflops(),
-                      hf_peak_memory_mb=theirs.peak_mem_mb if device.type == "cuda" else max_rss_mb(),
-                      ratio_vs_hf=s["images_per_s"] / h["images_per_s"],
-                      transformers_version=transformers.__version__)
+    if len(runners) > 1:  # the reference's figures under its name: hf_images_per_s, eager_images_per_s, ...
+        ref, h = theirs.name, theirs.stats()
+        ref_tflops = result[f"{ref}_flops_per_step"] / (h["step_ms_median"] / 1e3) / 1e12
+        result.update({f"{ref}_{k}": v for k, v in h.items()})
+        result.update({f"{ref}_tflops": ref_tflops, f"{ref}_peak_fraction": ref_tflops / peak.tflops(),
+                       f"{ref}_peak_memory_mb": theirs.peak_mem_mb if device.type == "cuda" else max_rss_mb(),
+                       f"ratio_vs_{ref}": s["images_per_s"] / h["images_per_s"]})
+        if ref == "hf":
+            result["transformers_version"] = transformers.__version__
     return result
 
 
@@ -357,6 +371,9 @@ def report(res: dict) -> str:
     if "ratio_vs_hf" in res:
         lines += [row("hf", "hf_"), f"{'ours / hf':<12}{res['ratio_vs_hf']:>10.2f}x   (alternating steps; "
                   f"both exact GELU; max |logit diff| vs HF {res['hf_max_abs_diff']:.1e})"]
+    if "ratio_vs_eager" in res:
+        lines += [row("eager", "eager_"), f"{'ours / eager':<12}{res['ratio_vs_eager']:>10.2f}x   (alternating "
+                  "steps; ours compiled, eager the same weights uncompiled)"]
     lines.append(f"GMACs/image {res['gmacs']:.3f}   params {res['params']:,}   matmul peak {res['peak_tflops']:.2f} "
                  f"TFLOP/s ({res['peak_matmul']}, median of rounds)")
     lines.append(f"mem MB: {res['peak_memory_kind']}")

@@ -47,7 +47,7 @@ def friendly_errors(fn: Callable) -> Callable:
                 advice = "; check the path, the free disk space and the permissions" if e.errno in _DISK_ERRNOS else ""
                 message = f"{where}{e.strerror or e}{advice}"
             else:
-                message = _one_line(e)
+                message = _schema_message(e, _app_name()) or _one_line(e)
             _fail(message)
         except KeyboardInterrupt:
             if _debug():
@@ -67,6 +67,36 @@ def _one_line(e: Exception) -> str:
     text = " ".join(str(e).split())
     key = getattr(e, "full_key", None)
     return f"{key}: {text}" if key and key not in text else text
+
+
+def _app_name() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().job.config_name
+    except Exception:  # not under a running Hydra app
+        return None
+
+
+def _schema_message(e: BaseException, app: str | None, given: dict | None = None) -> str | None:
+    """OmegaConf's ValidationError (a value of the wrong type for the schema, itself or as the cause of Hydra's
+    "Error merging override"), as one line from the field's type and metadata: `trainer.epochs='abc': expected an
+    integer >= 1`. `given`: the command line's values by key, shown instead of a list item's. None otherwise."""
+    from omegaconf.errors import ValidationError
+
+    from .config import SCHEMAS, display_key, key_parts, type_error_message
+
+    cause = e if isinstance(e, ValidationError) else e.__cause__
+    if not isinstance(cause, ValidationError) or not getattr(cause, "full_key", None) or app not in SCHEMAS:
+        return None
+    value = cause.value
+    for n in range(len(key_parts(cause.full_key)), 0, -1):  # optim.betas[1] was given as optim.betas=[0.9,a]
+        key = ".".join(key_parts(cause.full_key)[:n])
+        if given and key in given:
+            value = given[key]
+            break
+    message = type_error_message(SCHEMAS[app], cause.full_key, value)
+    return message if message is not None else f"{display_key(cause.full_key)}: {' '.join(str(cause).split())}"
 
 
 def _hydra_message(e: Exception) -> str:
@@ -129,8 +159,12 @@ def check_overrides(config_name: str) -> None:
         with initialize_config_module("cvt_train.conf", version_base="1.3"):
             for overrides in variants:
                 cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        _fail(_hydra_message(e))
+    except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: `model=3`, not an option name
+        given = {}
+        for o in OverridesParser.create().parse_overrides(overrides):
+            if not o.is_sweep_override():
+                given[o.key_or_group] = o.value()
+        _fail(_schema_message(e, config_name, given) or _hydra_message(e))
     _check_writable(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
 
 

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from . import config as _config  # noqa: F401  (registers the schemas before @hydra.main composes)
 from .cli import check_overrides, friendly_errors
 from .errors import UserError
 from .flops import count_macs

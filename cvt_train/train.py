@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from . import config as _config  # noqa: F401  (registers the schemas before @hydra.main composes)
 from .cli import check_overrides, friendly_errors, prepare_distributed_argv
 from .engine.distributed import cleanup
 from .sweep import summarize

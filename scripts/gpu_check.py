@@ -247,7 +247,7 @@ def sdpa_backends(args, sizes: Sizes) -> dict:
     """Which SDPA implementation runs in the model, eager, bf16: one training step (forward and backward) and one
     inference forward under torch.profiler; the aten ops scaled_dot_product_attention dispatched to are counted,
     and on CUDA the attention kernels' names kept. (On CPU the model computes small training attentions as
-    matmul-softmax-matmul, not SDPA: see cvt_train/models/cvt.py.)"""
+    matmul-softmax-matmul, not SDPA: see cvt_train/models/layers.py.)"""
     import torch
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile

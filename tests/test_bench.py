@@ -78,3 +78,24 @@ def test_bench_compare_without_transformers(tmp_path):
     proc = cvt_bench(*TINY, "bench.compare=hf", f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["error: bench.compare=hf needs HF transformers: pip install transformers"]
+
+
+def test_bench_compare_eager_needs_compile(tmp_path):
+    proc = cvt_bench(*TINY, "bench.compare=eager", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: bench.compare=eager compares the compiled model with the eager one: add bench.compile=true"]
+
+
+@pytest.mark.slow  # compiles the tiny model's forward: 15-35 s cold on 2 CPU cores
+def test_bench_compiled_against_eager(tmp_path):
+    proc = cvt_bench(*TINY, *FAST, "bench.mode=infer", "bench.compile=true", "bench.compare=eager",
+                     f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["compile"] is True and res["compare"] == "eager" and res["act"] == "quick_gelu"
+    for key in ("images_per_s", "eager_images_per_s", "eager_tflops", "eager_peak_fraction", "eager_peak_memory_mb"):
+        assert res[key] > 0, key
+    assert res["ratio_vs_eager"] == pytest.approx(res["images_per_s"] / res["eager_images_per_s"])
+    assert res["eager_flops_per_step"] == res["flops_per_step"] and "ratio_vs_hf" not in res
+    assert "ours / eager" in proc.stdout

@@ -20,8 +20,10 @@ from torch import nn
 
 import cvt_train
 from cvt_train.engine import trainer as trainer_module
+from cvt_train.engine.checkpoint import restore_rng, rng_states
 from cvt_train.engine.distributed import DistInfo
-from cvt_train.engine.trainer import Trainer, WeightEma, restore_rng, rng_states, train
+from cvt_train.engine.ema import WeightEma
+from cvt_train.engine.trainer import Trainer, train
 from conftest import compose_train
 from fakedata import write_cifar10_python
 from sync_probe import probe

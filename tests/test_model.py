@@ -314,7 +314,7 @@ def test_attention_runs_sdpa_with_the_official_scale(monkeypatch):
     same values and gradients."""
     from torch.nn import functional as F
 
-    from cvt_train.models import cvt as cvt_module
+    from cvt_train.models import layers
 
     real, seen = F.scaled_dot_product_attention, []
 
@@ -332,12 +332,22 @@ def test_attention_runs_sdpa_with_the_official_scale(monkeypatch):
     monkeypatch.undo()
 
     q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for n in (17, 5, 5))
-    plain = cvt_module.attention(q, k, v, 0.125, 0.0)  # requires_grad on CPU: the matmul path
+    attend = layers.SoftmaxAttention(0.125, 0.0).train()
+    assert not attend.fused(q, k)  # requires_grad on CPU with a small score matrix: the matmul path
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    seen.clear()
+    plain = attend(q, k, v)
+    monkeypatch.undo()
+    assert not seen  # SDPA was not called
     fused = F.scaled_dot_product_attention(q, k, v, scale=0.125)
     torch.testing.assert_close(plain, fused)
     grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (plain, fused)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        assert attend.fused(q, k)  # no gradient: SDPA's forward is the fastest
+    big_q = torch.randn(1, 1, 2**10, 8, requires_grad=True)
+    assert attend.fused(big_q, torch.randn(1, 1, 2**8 + 1, 8))  # long sequences: SDPA
 
 
 @pytest.mark.slow  # compiles a forward and a backward graph: 30-60 s cold on 2 CPU cores
@@ -345,6 +355,10 @@ def test_torch_compile_training_step_matches_eager():
     """The training step too: same outputs, same gradients, same BatchNorm statistics afterwards."""
     import copy
 
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     eager = tiny_model(**{"stages.1.depth": 1, "stages.2.depth": 1}).train()
     compiled_model = copy.deepcopy(eager)
     x = torch.randn(4, 3, 32, 32)
@@ -357,6 +371,7 @@ def test_torch_compile_training_step_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
     for (name, b), c in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(c, b, atol=1e-6, rtol=0, msg=name)
+    assert not counters["graph_break"], dict(counters["graph_break"])  # QuickGELU's autograd function included
 
 
 def test_compile_model_modes():
@@ -403,3 +418,120 @@ def test_regional_compile_training_step_matches_eager():
     assert not counters["graph_break"], dict(counters["graph_break"])
     # 3 stages x (fp32, bf16): one graph per stage's block shape and precision, shared by the 3 blocks of stage 2
     assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+
+
+def _reference_block(block, x, h, w):
+    """The official formulation of a Block, written out from its parameters: conv, BatchNorm (batch statistics),
+    tokens, cls token joined before the Linear layers, einsum attention, x * sigmoid(1.702 x) between fc1 and fc2."""
+    from torch.nn import functional as F
+
+    attn, mlp = block.attn, block.mlp
+    y = block.norm1(x)
+    cls, y = (y[:, :1], y[:, 1:]) if attn.has_cls else (None, y)
+    m = y.transpose(1, 2).reshape(y.shape[0], -1, h, w)
+
+    def project(proj):
+        conv, bn = proj.conv, proj.bn
+        z = F.conv2d(m, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        z = F.batch_norm(z, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        z = z.flatten(2).transpose(1, 2)
+        return z if cls is None else torch.cat((cls, z), dim=1)
+
+    q, k, v = (lin(project(p)) for lin, p in ((attn.proj_q, attn.conv_proj_q), (attn.proj_k, attn.conv_proj_k),
+                                              (attn.proj_v, attn.conv_proj_v)))
+    q, k, v = (z.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for z in (q, k, v))
+    scores = torch.einsum("bhld,bhtd->bhlt", q, k) * attn.scale
+    z = torch.einsum("bhlt,bhtv->bhlv", scores.softmax(dim=-1), v).transpose(1, 2).flatten(2)
+    x = x + attn.proj(z)
+    u = mlp.fc1(block.norm2(x))
+    return x + mlp.fc2(u * torch.sigmoid(1.702 * u))
+
+
+@pytest.mark.parametrize("stage, size", [(0, 56), (2, 7)], ids=["sdpa_no_cls", "plain_attention_cls"])
+def test_block_train_outputs_and_gradients_match_official_formulation(stage, size):
+    """Train mode, fp32: the same outputs and the same gradients (parameters and input) as the plain formulation,
+    through SDPA (stage 0 at 56x56: 3136 x 784 scores) and through the plain softmax path (stage 2 with a cls
+    token at 7x7)."""
+    torch.manual_seed(0)
+    block = tiny_model().stages[stage].blocks[0].train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    dim = block.norm1.normalized_shape[0]
+    x = torch.randn(2, size * size + block.attn.has_cls, dim, requires_grad=True)
+    outs, grads = [], []
+    for fn in (lambda: block(x, size, size), lambda: _reference_block(block, x, size, size)):
+        out = fn()
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *block.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_quick_gelu_values_and_gradients():
+    """silu(1.702 x) / 1.702 with its one-kernel backward is x * sigmoid(1.702 x), to second order."""
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    act = cvt_train.models.QuickGELU()
+    torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))
+    (g,) = torch.autograd.grad(act(x).sum(), x)
+    (expected,) = torch.autograd.grad((x * torch.sigmoid(1.702 * x)).sum(), x)
+    torch.testing.assert_close(g, expected)
+    assert torch.autograd.gradcheck(act, (x,)) and torch.autograd.gradgradcheck(act, (x,))
+    y = torch.randn(4, 8, dtype=torch.bfloat16)
+    assert act(y).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("mode", ["train", "eval", "train_bf16"])
+def test_mlp_calls_fc1_and_fc2_as_modules(act, mode):
+    """Forward hooks on fc1/fc2 fire and a swapped-in fc1 (a LoRA-style wrapper) is used, in every configuration."""
+    model = tiny_model(act=act).train(mode != "eval")
+    mlps = [m for m in model.modules() if type(m).__name__ == "Mlp"]
+    calls = []
+    for mlp in mlps:
+        for name in ("fc1", "fc2"):
+            getattr(mlp, name).register_forward_hook(lambda mod, args, out, n=name: calls.append(n))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "train_bf16"), \
+                torch.set_grad_enabled(mode != "eval"):
+            return model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    base = run()
+    assert calls.count("fc1") == calls.count("fc2") == len(mlps)
+
+    class Wrapped(nn.Module):  # a LoRA-like wrapper: the wrapped Linear plus a learned offset
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.delta = inner, nn.Parameter(torch.full((inner.out_features,), 0.5))
+
+        def forward(self, x):
+            return self.inner(x) + self.delta
+
+    mlps[0].fc1 = Wrapped(mlps[0].fc1)
+    assert not torch.allclose(run().float(), base.float())
+
+
+def test_kv_projections_in_fp32_only_when_training_on_cpu_under_autocast():
+    """oneDNN's bf16 backward of a strided depthwise conv is slow: the k and v convs (stride 2) run in fp32 when
+    training on CPU under autocast, q's (stride 1) in bf16; without grad, or with stride_kv 1, all run in bf16."""
+    def conv_dtypes(model, grad):
+        seen = {}
+        attn = model.stages[1].blocks[0].attn
+        hooks = [getattr(attn, f"conv_proj_{n}").register_forward_hook(
+            lambda mod, args, out, n=n: seen.setdefault(n, (args[0].dtype, out.dtype)) and None) for n in "qkv"]
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            out = model(torch.randn(2, 3, 32, 32))
+        if grad:
+            out.float().sum().backward()
+        for hook in hooks:
+            hook.remove()
+        return seen
+
+    bf16, fp32 = (torch.bfloat16,) * 2, (torch.float32,) * 2
+    assert conv_dtypes(tiny_model().train(), True) == {"q": bf16, "k": fp32, "v": fp32}
+    assert conv_dtypes(tiny_model().train(), False) == {"q": bf16, "k": bf16, "v": bf16}
+    assert conv_dtypes(tiny_model().eval(), False) == {"q": bf16, "k": bf16, "v": bf16}
+    stride_1 = tiny_model(**{"stages.1.stride_kv": 1}).train()
+    assert conv_dtypes(stride_1, True) == {"q": bf16, "k": bf16, "v": bf16}

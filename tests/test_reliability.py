@@ -473,7 +473,7 @@ def test_unknown_key_is_one_line(tmp_path, monkeypatch, capsys):
     code, err = run_entry(train_module, [*BASE, "trainer.epoch=3", f"hydra.run.dir={tmp_path / 'run'}"],
                           monkeypatch, capsys)
     assert code == 2 and err.strip() == ("error: Could not override 'trainer.epoch'; To append to your config use "
-                                         "+trainer.epoch=3; Key 'epoch' is not in struct")
+                                         "+trainer.epoch=3; Key 'epoch' not in 'TrainerConfig'")  # the schema's class
     assert not (tmp_path / "run").exists()
 
 

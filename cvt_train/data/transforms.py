@@ -13,8 +13,8 @@ official CvT recipe uses.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,10 @@ class AugConfig:
     name: str = "none"
     crop: str = "none"                 # random_resized | pad_crop | none
     crop_padding: int = 4              # pad_crop: zero padding on each side before the random crop
-    crop_scale: Sequence[float] = (0.08, 1.0)     # random_resized: area range
-    crop_ratio: Sequence[float] = (0.75, 1.3333333333333333)  # random_resized: aspect range
-    hflip: float = 0.0                 # probability of a horizontal flip (true = 0.5)
-    auto_augment: str | None = None    # null | randaugment | trivialaugment
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])     # random_resized: area range
+    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])  # random_resized: aspect range
+    hflip: float = 0.0                 # probability of a horizontal flip
+    auto_augment: Optional[str] = None  # null | randaugment | trivialaugment
     randaugment_num_ops: int = 2
     randaugment_magnitude: int = 9
     randaugment_bins: int = 11         # 11 bins: magnitude 9 = 0.9 of each op's range, as timm's m9 (imagenet.yaml)

@@ -3,7 +3,7 @@
 Layout (all plain tensors / numbers / strings / dicts, loadable with `weights_only=True`):
     model, ema (or None), optimizer, scheduler, scaler (or None): state dicts
     epoch: completed epochs; step: batches done in the epoch in progress (0 at an epoch boundary)
-    global_step, best_top1, metrics (last evaluation), rng (torch / cuda / numpy / python states)
+    global_step, best_top1, metrics (last evaluation), rng (torch / numpy / python states: rng_states())
     config: the run's resolved config as a plain dict (never instantiated)
     format_version: 1
 """
@@ -11,11 +11,13 @@ Layout (all plain tensors / numbers / strings / dicts, loadable with `weights_on
 from __future__ import annotations
 
 import os
+import random
 import signal
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -102,12 +104,30 @@ def load_training_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def rng_states() -> dict:
+    """The host generators' states. No CUDA states: every batch reseeds torch (CPU and CUDA) from (seed, epoch,
+    step, rank), so they carry nothing a resume needs, and one state per visible GPU would tie the checkpoint to
+    the GPU count of the machine that wrote it."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain data, so weights_only loading accepts it
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}}
+
+
+def restore_rng(states: dict) -> None:
+    """The host generators; a "cuda" entry (checkpoints of earlier versions) is ignored, whatever GPUs are here."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    n = states["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Test hook: fault injection. tests/test_reliability.py and scripts/fault_drill.py set
 #     CVT_FAULT_INJECT=kill_at=<point>:<n>
 # to make the training process SIGKILL itself at an exact moment:
-#     step:N   right after the N-th optimizer step of the run (global step, counted across resumes)
-#     eval:N   during the evaluation after epoch N (after its first batch)
+#     step:N   right after the N-th optimizer step of the run (global step, counted across resumes; one of
+#              Trainer.step_hooks)
+#     eval:N   during the evaluation after epoch N (after its first batch; evaluate.py: run_evaluation)
 #     save:NAME:N   inside the N-th write of NAME (last.pt, best.pt, metrics.json, ...) by this process: the
 #                   temporary file is written and fsynced, not yet renamed over NAME
 # Unset (as always outside those tests) it does nothing.

@@ -55,6 +55,8 @@ def _expected(kind: type, minimum, nullable: bool, below) -> str:
 
 
 def _shown(value):
+    if isinstance(value, float) and value.is_integer():  # the schema types 1 as 1.0 for a float key: show what was typed
+        return int(value)
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
@@ -143,12 +145,17 @@ def resume_mismatch(path: Path, ckpt: dict, cfg: DictConfig, error: Exception) -
     now = OmegaConf.to_container(cfg, resolve=True)
     groups = ("model", "optim", "sched", "trainer")
     old, new = (flatten({g: c.get(g) or {} for g in groups}) for c in (stored, now))
-    changed = [f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new))
+    changed = [f"{k}={_plain(old.get(k))!r} (now {_plain(new.get(k))!r})" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and k not in ("trainer.resume", "trainer.progress")]
     reason = " ".join(f"{type(error).__name__}: {error}".split())[:120]
     made_with = f"it was made with {', '.join(changed[:4])}" if changed else "it was made with another configuration"
     return UserError(f"{path}: does not fit this run ({reason}); {made_with}; resume with the overrides it was "
                      "trained with")
+
+
+def _plain(v):
+    """0.0 as 0: the schema stores an integer typed for a float key as a float; show it as it was written."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

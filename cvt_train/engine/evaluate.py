@@ -1,4 +1,5 @@
-"""Top-1 / top-5 / loss over a validation stream, exact under DistributedDataParallel."""
+"""Top-1 / top-5 / loss over a validation stream, exact under DistributedDataParallel; the trainer's evaluation of
+the model and its EMA after an epoch."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from .distributed import all_reduce_sum
+from .checkpoint import fault_point
+from .distributed import DistInfo, all_reduce_sum
+from .precision import autocast
 
 
 @torch.no_grad()
@@ -42,3 +46,27 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
     loss, top1, top5, n = all_reduce_sum(sums).tolist()
     n = max(n, 1.0)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": int(n)}
+
+
+def run_evaluation(model: nn.Module, ema_model: nn.Module | None, data, dist: DistInfo, amp_dtype, progress: bool,
+                   epoch: int = 0, pad_to: int | None = None) -> dict:
+    """Metrics of `model` (and `ema_` ones of the EMA's); pad_to: pad a smaller last batch (compiled models, so
+    that it does not compile a second graph)."""
+    bar = tqdm(total=data.num_val, desc="eval", disable=not (dist.is_main and progress), leave=False,
+               dynamic_ncols=True)
+    metrics = evaluate(model, _eval_fault_point(data.val_batches(), epoch), dist.device,
+                       autocast(dist.device, amp_dtype), bar, pad_to=pad_to)
+    if ema_model is not None:
+        ema_metrics = evaluate(ema_model, data.val_batches(), dist.device, autocast(dist.device, amp_dtype),
+                               pad_to=pad_to)
+        metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
+    bar.close()
+    return metrics
+
+
+def _eval_fault_point(batches, epoch: int):
+    """Test hook (fault injection, see checkpoint.py): `eval:N` fires after the first batch of epoch N's evaluation."""
+    for i, batch in enumerate(batches):
+        yield batch
+        if i == 0:
+            fault_point("eval", epoch)

@@ -7,34 +7,29 @@ Shapes: B batch, C channels of a stage, H x W its feature map, N = H*W tokens, T
 Tokens are (B, T, C); maps are (B, C, H, W). Going from tokens to a map is a view with channels-last strides,
 which depthwise convolutions and LayerNorm both take without a copy.
 
-Speed (docs/performance.md has the measurements): the state dict and the fp32 outputs are those of the plain
-formulation, but a few choices are made for speed where they are free: channels-last maps throughout, k and v
-depthwise convs in fp32 when training on CPU, the plain softmax attention where SDPA's CPU backward is slow, the
-cls token joined after the q/k/v Linear layers, BatchNorm folded into the conv in eval mode, and QuickGELU as one
-SiLU with its scalings folded into the MLP weights.
+Speed: the state dict and the fp32 outputs are those of the plain formulation; this file reads as that
+formulation, and the layers that compute a part of it faster live in layers.py, whose docstring has the speed notes
+(docs/performance.md the measurements): QuickGELU with a one-kernel backward, the conv projections (BatchNorm folded
+in eval mode, k/v in fp32 when training on CPU, one cast of the map) and SoftmaxAttention (SDPA, or the plain
+softmax where SDPA's CPU backward is slow). Here: channels-last maps throughout, and the cls token joined after the
+q/k/v Linear layers.
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from .layers import (
+    QuickGELU,
+    SoftmaxAttention,
+    conv_projection,
+    make_act,
+    projection_inputs,
+)
 from .presets import ModelConfig, StageConfig, check_batch_of_one, stage_map_sizes
-
-
-class QuickGELU(nn.Module):
-    """The official CvT activation: x * sigmoid(1.702 x), a cheap approximation of GELU."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-def make_act(name: str) -> nn.Module:
-    return QuickGELU() if name == "quick_gelu" else nn.GELU()
 
 
 def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -67,51 +62,6 @@ class ConvEmbed(nn.Module):
         return self.norm(map_to_tokens(x)), h, w  # (B, N, C)
 
 
-def conv_projection(dim: int, method: str, kernel: int, padding: int, stride: int) -> nn.Module:
-    """Turns a map into the map a q, k or v is read from. Keys `conv`/`bn` match the official state dict."""
-    if method == "dw_bn":
-        conv = nn.Conv2d(dim, dim, kernel, stride, padding, groups=dim, bias=False)
-        return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(dim)))
-    if method == "avg":
-        return nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)
-    return nn.Identity()  # "linear": tokens go straight to the Linear projection
-
-
-def run_projection(proj: nn.Module, m: torch.Tensor) -> torch.Tensor:
-    """Apply a conv projection. In eval mode its BatchNorm is folded into the conv's weight and bias (computed from
-    the parameters on every call, so nothing is cached): one pass over the map instead of two."""
-    if isinstance(proj, nn.Sequential) and not proj.bn.training:
-        conv, bn = proj.conv, proj.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,)
-        weight, bias = conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
-        return F.conv2d(m, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return proj(m)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast computes convs and matmuls in at this point (x's own dtype when autocast is off)."""
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, drop: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over (B, heads, T, C / heads) tensors.
-
-    SDPA's fused kernel never materialises the T x T' scores. On CPU its forward is the fastest way for every
-    stage, but its backward is slow for all but long sequences: when gradients are needed and the score matrix is
-    small (CvT's stages 1 and 2 at 224: 784 x 196 and 197 x 50), a matmul, a softmax and a matmul train 1.4x and
-    4x faster. Stage 0 (3136 x 784) stays with SDPA either way.
-    """
-    if q.device.type == "cpu" and q.requires_grad and q.shape[-2] * k.shape[-2] <= 2**18:
-        attn = (q @ (k * scale).transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T')
-        if drop > 0.0:
-            attn = F.dropout(attn, drop)
-        return attn @ v
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=scale)
-
-
 class Attention(nn.Module):
     """Multi-head attention with convolutional projections of q, k and v."""
 
@@ -127,7 +77,7 @@ class Attention(nn.Module):
         self.proj_q = nn.Linear(dim, dim, bias=s.qkv_bias)
         self.proj_k = nn.Linear(dim, dim, bias=s.qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=s.qkv_bias)
-        self.attn_drop = s.attn_drop_rate
+        self.attend = SoftmaxAttention(self.scale, s.attn_drop_rate)  # SDPA or plain softmax: see layers.py
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(s.drop_rate)
 
@@ -135,33 +85,15 @@ class Attention(nn.Module):
         b, t, c = x.shape
         if self.has_cls:  # the cls token bypasses the convolutions (split, unlike slicing, has a one-copy backward)
             cls, x = x.split((1, t - 1), dim=1)
-        # Each map is cast once (autocast would cast once per conv) and made dense channels-last: one copy at most.
-        m = tokens_to_map(x, h, w)  # (B, C, H, W)
-        mq = m.to(compute_dtype(x), memory_format=torch.channels_last).contiguous(memory_format=torch.channels_last)
-        q = map_to_tokens(run_projection(self.conv_proj_q, mq))  # (B, N, C)
-        # oneDNN's bf16 backward of a strided depthwise conv is ~20x slower than its fp32 one (forward and stride 1
-        # are fine), so when training on CPU under autocast the k and v projections run in the parameters' dtype.
-        if x.device.type == "cpu" and torch.is_grad_enabled() and mq.dtype != self.proj_k.weight.dtype:
-            with torch.autocast("cpu", enabled=False):
-                mkv = m.to(self.proj_k.weight.dtype, memory_format=torch.channels_last)
-                mkv = mkv.contiguous(memory_format=torch.channels_last)
-                k = map_to_tokens(run_projection(self.conv_proj_k, mkv))  # (B, N / stride_kv^2, C)
-                v = map_to_tokens(run_projection(self.conv_proj_v, mkv))
-        else:
-            k = map_to_tokens(run_projection(self.conv_proj_k, mq))  # (B, N / stride_kv^2, C)
-            v = map_to_tokens(run_projection(self.conv_proj_v, mq))
-        q, k, v = self.proj_q(q), self.proj_k(k), self.proj_v(v)
-        if self.has_cls:  # joined after the Linear layers (per token, so the same), where the gradients the convs
-            # and BatchNorms get back stay dense instead of slices of the joined tensor's gradient
+        mq, mkv = projection_inputs(tokens_to_map(x, h, w), self.conv_proj_k)  # (B, C, H, W), cast once
+        q = self.proj_q(map_to_tokens(self.conv_proj_q(mq)))  # (B, N, C)
+        k = self.proj_k(map_to_tokens(self.conv_proj_k(mkv)))  # (B, N / stride_kv^2, C)
+        v = self.proj_v(map_to_tokens(self.conv_proj_v(mkv)))
+        if self.has_cls:  # joined after the Linear layers (per token, so the same): the convs' gradients stay dense
             q, k, v = (torch.cat((proj(cls), y), dim=1) for proj, y in
                        ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v)))
-
-        def heads(y: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, heads, T, C / heads)
-            return y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-        q, k, v = heads(q), heads(k), heads(v)
-        x = attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+        q, k, v = (y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, heads, T, C/heads)
+        x = self.attend(q, k, v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.proj_drop(self.proj(x))
 
 
@@ -174,12 +106,6 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.act, QuickGELU):
-            # x * sigmoid(1.702 x) == silu(1.702 x) / 1.702: the two scalings move into fc1's and fc2's weights
-            # (weight-sized work instead of activation-sized), leaving one fused SiLU with a one-kernel backward.
-            a = 1.702
-            x = F.silu(F.linear(x, self.fc1.weight * a, self.fc1.bias * a))
-            return self.drop(F.linear(self.drop(x), self.fc2.weight / a, self.fc2.bias))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
