@@ -5,8 +5,9 @@ wrong type or an unknown key, naming the key.
 
 A field's metadata says what the types cannot: the range (`ge`, `gt`, `lt`, `le`), the allowed values
 (`choices`), a phrase for what to give (`expected`) and a `hint`. `expected_text` turns them into the one-line
-"expected ..." phrase used both for type errors (cli.py maps OmegaConf's ValidationError to it) and for the range
-checks of each app's `validate` (engine/checks.py).
+"expected ..." phrase for type errors (cli.py maps OmegaConf's ValidationError to it). The range checks still run
+from engine/checks.py's SCALARS table, which repeats these ranges: one `validate(cfg)` per app reading this metadata
+is the next step (issue 14), and deletes that table.
 
 Stored checkpoint configs are never merged into these classes as a whole: they stay plain data (see eval.py).
 """

@@ -16,6 +16,7 @@ from .precision import check_precision
 # The scalar keys the loop and the data module read: (type, smallest value[, may be null[, bound the value must
 # stay below]]). The YAML configs are untyped, so without this check `trainer.epochs=abc` would end in a TypeError
 # deep inside the loop (or after the data was read) instead of one line.
+# (The same ranges are declared in cvt_train/config.py's field metadata: this table goes when validate() reads it.)
 SCALARS = {
     "trainer.epochs": (int, 1), "trainer.accum_steps": (int, 1), "trainer.max_nonfinite": (int, 1),
     "trainer.eval_every": (int, 1), "trainer.log_every": (int, 1), "trainer.seed": (int, 0),
