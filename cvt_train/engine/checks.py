@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..config import COMPILE_MODES
 from ..errors import UserError
 from ..models import model_config, stage_map_sizes
 from .distributed import resolve_device
@@ -38,7 +39,6 @@ HINTS = {
 # The names engine/optim.py builds (build_optimizer, build_scheduler), and the keys each optimizer reads.
 OPTIMIZERS = {"adamw": ("optim.betas", "optim.eps"), "sgd": ("optim.momentum", "optim.nesterov")}
 SCHEDULES = ("cosine", "constant")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 OPTIM_SCALARS = {"optim.eps": (float, 0), "optim.momentum": (float, 0), "optim.nesterov": (bool, None)}
 
 
@@ -146,17 +146,12 @@ def resume_mismatch(path: Path, ckpt: dict, cfg: DictConfig, error: Exception) -
     now = OmegaConf.to_container(cfg, resolve=True)
     groups = ("model", "optim", "sched", "trainer")
     old, new = (flatten({g: c.get(g) or {} for g in groups}) for c in (stored, now))
-    changed = [f"{k}={_plain(old.get(k))!r} (now {_plain(new.get(k))!r})" for k in sorted(set(old) | set(new))
+    changed = [f"{k}={_shown(old.get(k))!r} (now {_shown(new.get(k))!r})" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and k not in ("trainer.resume", "trainer.progress")]
     reason = " ".join(f"{type(error).__name__}: {error}".split())[:120]
     made_with = f"it was made with {', '.join(changed[:4])}" if changed else "it was made with another configuration"
     return UserError(f"{path}: does not fit this run ({reason}); {made_with}; resume with the overrides it was "
                      "trained with")
-
-
-def _plain(v):
-    """0.0 as 0: the schema stores an integer typed for a float key as a float; show it as it was written."""
-    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
