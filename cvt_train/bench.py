@@ -36,18 +36,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import create_model
-from . import config as _config  # noqa: F401  (registers the schemas before @hydra.main composes)
+from .config import BenchSection, BenchTrainer, check_group  # (importing config registers the schemas)
 from .cli import check_overrides, friendly_errors
 from .errors import UserError
 from .flops import count_flops, count_macs
 from .models import ModelConfig, compile_model, model_config, num_params
-from .engine.checks import check_scalar
 from .engine.distributed import resolve_device
-from .engine.precision import autocast, autocast_dtype, check_precision, precision_name
+from .engine.precision import autocast, autocast_dtype, precision_name
 from .models.convert import to_format
 
-MODES = ("train", "infer")
-COMPARE = (None, "hf", "eager")
 
 
 # ----------------------------------------------------------------------------------------------- setup helpers
@@ -246,17 +243,13 @@ class MatmulPeak:
 
 
 # --------------------------------------------------------------------------------------------------- the app
-def check(cfg: DictConfig) -> None:
-    b = cfg.bench
-    if b.mode not in MODES:
-        raise UserError(f"bench.mode: unknown mode {b.mode!r}; choose train or infer")
-    check_precision(cfg.trainer.precision)
-    if b.compare not in COMPARE:
-        raise UserError(f"bench.compare: unknown reference {b.compare!r}; use hf, eager or null")
-    if b.compare == "eager" and not b.compile:
+def validate(cfg: DictConfig) -> None:
+    """cvt-bench's checks, once, before any model is built: the schema's ranges and choices of bench.* and
+    trainer.precision, and the rule between bench.compare and bench.compile."""
+    check_group(cfg, "bench", BenchSection)
+    check_group(cfg, "trainer", BenchTrainer)
+    if cfg.bench.compare == "eager" and not cfg.bench.compile:
         raise UserError("bench.compare=eager compares the compiled model with the eager one: add bench.compile=true")
-    for key, low in (("batch_size", 1), ("resolution", 1), ("steps", 1), ("warmup", 0), ("threads", 1), ("peak_size", 1)):
-        check_scalar(cfg, f"bench.{key}", int, low, nullable=key in ("threads", "peak_size"))
 
 
 def load_average() -> list[float] | None:
@@ -268,7 +261,7 @@ def load_average() -> list[float] | None:
 
 
 def run(cfg: DictConfig) -> dict:
-    check(cfg)
+    validate(cfg)
     b = cfg.bench
     device = resolve_device(str(cfg.device), key="device")
     if b.threads is not None:

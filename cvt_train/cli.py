@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from .errors import UserError
 
@@ -84,7 +84,8 @@ def _schema_message(e: BaseException, app: str | None, given: dict | None = None
     integer >= 1`. `given`: the command line's values by key, shown instead of a list item's. None otherwise."""
     from omegaconf.errors import ValidationError
 
-    from .config import SCHEMAS, display_key, key_parts, type_error_message
+    from .config import SCHEMAS
+    from .schema import display_key, key_parts, type_error_message
 
     cause = e if isinstance(e, ValidationError) else e.__cause__
     if not isinstance(cause, ValidationError) or not getattr(cause, "full_key", None) or app not in SCHEMAS:
@@ -99,33 +100,34 @@ def _schema_message(e: BaseException, app: str | None, given: dict | None = None
     return message if message is not None else f"{display_key(cause.full_key)}: {' '.join(str(cause).split())}"
 
 
-def _hydra_message(e: Exception) -> str:
-    """Hydra's multi-line composition errors as one line: 'Available options in ...:' lists become comma lists."""
-    lines = []
-    for line in str(e).splitlines():
-        if line.startswith("Config search path"):  # Hydra's internals, not the user's concern
-            break
-        if line.strip():
-            lines.append(line.strip().rstrip("."))
-    cause = e.__cause__
-    if cause is not None and str(cause).strip():
-        lines.append(str(cause).strip().splitlines()[0])
-    out: list[str] = []
-    for line in lines:
-        if out and out[-1].endswith(":") and not line.endswith(":"):
-            out[-1] += " " + line  # the first item of a list
-        elif out and ":" in out[-1] and not line.endswith(":") and " " not in line:
-            out[-1] += ", " + line  # a further item
-        else:
-            out.append(line)
-    return "; ".join(out)
+def _composition_message(e: Exception, app: str, given: dict) -> str:
+    """One line for what Hydra's compose raised, from the exception's own fields (the override, the missing
+    option and its group's options, the key OmegaConf names), not from Hydra's wording."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    from .config import SCHEMAS
+    from .schema import schema_error
+
+    if isinstance(e, OverrideParseException):  # a syntax error: Hydra's first line names what it could not read
+        return f"{e.override}: {str(e).splitlines()[0]}"
+    if isinstance(e, MissingConfigException) and e.options is not None:
+        group, _, option = str(e.missing_cfg_file).rpartition("/")
+        return f"{group}={option}: no such option; choose one of {', '.join(e.options)}"
+    if isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)) and app in SCHEMAS:  # a key the schema does not have
+        return str(schema_error(e.__cause__, SCHEMAS[app]))
+    if isinstance(e, ValueError):  # `model=3`: a group's option must be a config's name
+        bad = [f"{k}={v}" for k, v in given.items() if "." not in k and not isinstance(v, (str, list))]
+        return f"{bad[0] if bad else 'overrides'}: {_one_line(e)}; give the name of a config in that group"
+    return _schema_message(e, app, given) or _one_line(e)
 
 
 def check_overrides(config_name: str) -> None:
-    """Compose the config with the command line's overrides before Hydra starts, so that an unknown key or group
-    option ends in one `error:` line (exit 2) rather than Hydra's multi-line report, and an output dir that cannot
-    be written is named before anything runs. In a sweep, each value is checked with the first of the others.
-    Command lines with Hydra flags (--help, --cfg, -cp, ...) are left to Hydra."""
+    """Compose the config with the command line's overrides (Hydra's compose API) before Hydra starts. It stays
+    because Hydra reports a composition error over several lines, and in a sweep only once jobs have started:
+    here an unknown key or option, a wrong type or a bad sweep value ends in one `error:` line (exit 2) before any
+    job runs, and an output dir that cannot be written is named before anything runs. In a sweep, each value is
+    checked with the first of the others (Hydra's OverridesParser expands them: no public API lists a sweep's
+    values). Command lines with Hydra flags (--help, --cfg, -cp, ...) are left to Hydra."""
     args = sys.argv[1:]
     if _debug() or any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return
@@ -137,8 +139,7 @@ def check_overrides(config_name: str) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "--multirun")])
     except HydraException as e:  # a syntax error
-        bad = getattr(e, "override", None)
-        _fail(f"{bad}: {_hydra_message(e)}" if bad else _hydra_message(e))
+        _fail(_composition_message(e, config_name, {}))
     choices = []
     for o in parsed:
         if not o.is_sweep_override():
@@ -148,11 +149,8 @@ def check_overrides(config_name: str) -> None:
             values = [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
         except (HydraException, ValueError):  # interval(...) for a sweeper plugin, glob(...): only Hydra lists them
             continue
-        if values:  # an empty sweep launches no job: nothing to check
-            # a group's options can name a config that does not exist, a dict value can bring an unknown key; a
-            # plain value of a key can do neither: its first value stands for all
-            expand = "." not in o.key_or_group or any("{" in v.split("=", 1)[1] for v in values)
-            choices.append(values if expand else values[:1])
+        if values:  # an empty sweep launches no job: nothing to check (each value can fail: the schema types it)
+            choices.append(values)
     first = [c[0] for c in choices]
     variants = [first] + [first[:i] + [v] + first[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
     try:
@@ -164,7 +162,7 @@ def check_overrides(config_name: str) -> None:
         for o in OverridesParser.create().parse_overrides(overrides):
             if not o.is_sweep_override():
                 given[o.key_or_group] = o.value()
-        _fail(_schema_message(e, config_name, given) or _hydra_message(e))
+        _fail(_composition_message(e, config_name, given))
     _check_writable(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
 
 

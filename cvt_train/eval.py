@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,77 +18,21 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from . import config as _config  # noqa: F401  (registers the schemas before @hydra.main composes)
+from .config import EvalSection, EvalTrainer, check_group  # (importing config registers the schemas)
 from .cli import check_overrides, friendly_errors
+from .data.transforms import aug_config
 from .errors import UserError
 from .flops import count_macs
 from .models import CvT, model_config, num_params
 from .models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
+from .schema import as_plain_data
 
 log = logging.getLogger("cvt_train")
 GROUPS = ("model", "data", "aug")
-SPLITS = ("val", "test", "train")
 
 
 def is_own_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj
-
-
-# OmegaConf's grammar (omegaconf/grammar, `ESC_INTER` / `TOP_ESC`): before `${`, 2n+1 backslashes read as n
-# backslashes and a literal `${`, but 2n backslashes read as n backslashes followed by a LIVE interpolation.
-# Backslashes anywhere else are literal. So a run of k backslashes before `${` is written as 2k+1.
-_BACKSLASHES_BEFORE_INTERPOLATION = re.compile(r"(\\*)\$\{")
-
-
-def escape_interpolations(text: str) -> str:
-    """`text` as an OmegaConf string value that reads back as exactly `text`: no interpolation, no resolver."""
-    return _BACKSLASHES_BEFORE_INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", text)
-
-
-def _holds_interpolation(tree: Any) -> bool:
-    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
-
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, OmegaConfGrammarParser.InterpolationContext):
-            return True
-        stack.extend(node.getChild(i) for i in range(node.getChildCount()))
-    return False
-
-
-def _inert_string(text: str) -> str:
-    """escape_interpolations(text), checked with OmegaConf's own parser: a string that would still hold a live
-    interpolation (an OmegaConf whose grammar changed) is refused rather than resolved."""
-    escaped = escape_interpolations(text)
-    if "${" not in escaped:  # OmegaConf parses only strings that contain `${`: the others are plain text
-        return escaped
-    from omegaconf.errors import GrammarParseError
-    from omegaconf.grammar_parser import parse
-
-    try:
-        live = _holds_interpolation(parse(escaped))
-    except GrammarParseError:  # OmegaConf could not read it back as text either
-        live = True
-    if live:
-        raise UserError(f"checkpoint config holds the string {text[:80]!r}, which could not be made inert "
-                        "(plain text) for OmegaConf; refusing it")
-    return escaped
-
-
-def as_plain_data(value: Any) -> Any:
-    """A stored config as inert data for OmegaConf: every string reads back as exactly the stored text (`${`,
-    with or without backslashes before it, is escaped), so OmegaConf never resolves anything from it. Anything
-    but dicts, lists, strings, numbers, booleans and None is refused."""
-    if isinstance(value, dict):
-        return {str(k): as_plain_data(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [as_plain_data(v) for v in value]
-    if isinstance(value, str):
-        return _inert_string(value)
-    if value is None or isinstance(value, (int, float, bool)):
-        return value
-    raise UserError(f"checkpoint config holds a {type(value).__name__}, not plain data; refusing it")
 
 
 def stored_config(obj: dict, source: Any) -> DictConfig:
@@ -161,23 +104,29 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
     return out
 
 
+def validate(cfg: DictConfig, ecfg: DictConfig) -> None:
+    """cvt-eval's checks, once, before any data is read: its own keys (eval.*, trainer.*), then the config it
+    evaluates with (the checkpoint's under the overrides: plain data, so its data and aug sections are checked
+    against their schemas here; the data section is replaced by the typed one, where keys an older checkpoint
+    lacks take the schema's defaults and keys the schema does not know are dropped)."""
+    check_group(cfg, "eval", EvalSection)
+    check_group(cfg, "trainer", EvalTrainer)
+    ecfg.data = check_group(ecfg, "data", keep_unknown=True)
+    aug_config(ecfg.aug)
+    mc = model_config(ecfg.model)
+    if mc.num_classes != ecfg.data.num_classes:
+        raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={ecfg.data.num_classes}")
+
+
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     from .data import build_data
-    from .engine.checks import check_scalar, check_scalars
     from .engine.distributed import resolve_device
     from .engine.evaluate import evaluate
-    from .engine.precision import autocast, autocast_dtype, check_precision, precision_name
+    from .engine.precision import autocast, autocast_dtype, precision_name
 
-    if cfg.eval.split not in SPLITS:
-        raise UserError(f"eval.split: unknown split {cfg.eval.split!r}; choose one of {list(SPLITS)}")
-    check_precision(cfg.trainer.precision)
-    for key in ("eval.resolution", "eval.batch_size"):
-        check_scalar(cfg, key, int, 1, nullable=True)
-    for key in ("eval.ema", "eval.progress"):
-        check_scalar(cfg, key, bool, None)
     obj = read_file(cfg.ckpt)
     ecfg = eval_config(cfg, obj)
-    check_scalars(ecfg, prefix="data.", missing_ok=True)  # one line before any data is read; absent keys: older configs
+    validate(cfg, ecfg)
     mc = model_config(ecfg.model)
     sd = extract_state_dict(obj, use_ema=cfg.eval.ema, source=str(cfg.ckpt))
     classes = head_classes(sd)
@@ -185,8 +134,6 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise UserError(f"ckpt: {cfg.ckpt} classifies {classes} classes but data={ecfg.data.name} has "
                         f"{ecfg.data.num_classes}; evaluate it on data with {classes} classes (data=cifar10: 10, "
                         "data=cifar100: 100, data=imagenet: 1000, data=folder data.num_classes=N)")
-    if mc.num_classes != ecfg.data.num_classes:
-        raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={ecfg.data.num_classes}")
     model = CvT(mc)
     fmt = load_checkpoint(model, sd, source=f"ckpt={cfg.ckpt}", advice=f"the checkpoint does not fit model={mc.name}: "
                           "pass the model= (and model.* overrides) its weights were made for")

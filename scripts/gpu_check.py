@@ -294,7 +294,7 @@ def sdpa_backends(args, sizes: Sizes) -> dict:
     summary = "; ".join(f"{mode} {'+'.join(backends[mode]) or 'none'} ({sdpa_calls[mode]} of {blocks} attention "
                         f"blocks)" for mode in ops)
     head_dims = sorted({s.dim_embed // s.num_heads for s in model.cfg.stages})
-    del model
+    model = None  # frees it (`step` shares the variable, so it is emptied rather than deleted)
     free_memory()
     return {"backends": backends, "sdpa_calls": sdpa_calls, "attention_blocks": blocks, "ops": ops,
             "kernels": kernels, "expected": "flash" if device.type == "cuda" else None,
@@ -539,7 +539,7 @@ def section_cifar_speed(args, sizes: Sizes, res: Results, work: Path) -> None:
                                 "bench.mode=train", "bench.resolution=32", f"bench.batch_size={sizes.cifar_batch}",
                                 "bench.compile=false"])
 
-        def runner(label: str, compiled: bool) -> Runner:
+        def runner(label: str, compiled: bool, cfg=cfg) -> Runner:  # (called within this iteration)
             torch.manual_seed(cfg.seed)
             model = create_model(cfg.model).to(device)
             x = torch.randn(sizes.cifar_batch, model.cfg.in_chans, 32, 32, device=device)

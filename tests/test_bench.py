@@ -67,7 +67,7 @@ def test_bench_without_compare_fp32(tmp_path):
 def test_bench_bad_input_is_one_line(tmp_path):
     proc = cvt_bench(*TINY, "bench.mode=fly", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == ["error: bench.mode: unknown mode 'fly'; choose train or infer"]
+    assert proc.stderr.strip().splitlines() == ["error: bench.mode='fly': unknown mode; choose one of train, infer (e.g. bench.mode=train)"]
 
 
 def test_bench_compare_without_transformers(tmp_path):

@@ -39,11 +39,15 @@ def cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("module, args, expected", [
-    ("cvt_train.train", ["trainer.epoch=3"], "Could not override 'trainer.epoch'"),
-    ("cvt_train.train", ["data=cifar11"], "Available options in 'data': cifar10, cifar100, digits"),
-    ("cvt_train.train", ["-m", "model=cvt13,cvt99"], "Could not find 'model/cvt99'"),  # a later sweep value
-    ("cvt_train.eval", ["ckpt=x.pt", "eval.splitt=val"], "Could not override 'eval.splitt'"),
-    ("cvt_train.bench", ["bench.stepz=3"], "Could not override 'bench.stepz'"),
+    ("cvt_train.train", ["trainer.epoch=3"], "trainer.epoch: unknown key; known keys: accum_steps, channels_last,"),
+    ("cvt_train.train", ["data=cifar11"], "data=cifar11: no such option; choose one of cifar10, cifar100, digits"),
+    ("cvt_train.train", ["-m", "model=cvt13,cvt99"], "model=cvt99: no such option; choose one of cvt13,"),  # a later value
+    ("cvt_train.train", ["-m", "trainer.epochs=1,abc"], "trainer.epochs='abc': expected an integer >= 1"),  # a later value
+    ("cvt_train.train", ["model.stages.0.dim=8"], "model.stages.0.dim: unknown key; known keys: attn_drop_rate,"),
+    ("cvt_train.train", ["model=3"], "model=3: Config group override must be a string or a list"),
+    ("cvt_train.train", ["trainer.epochs=[1"], "trainer.epochs=[1: no viable alternative at input '[1'"),
+    ("cvt_train.eval", ["ckpt=x.pt", "eval.splitt=val"], "eval.splitt: unknown key; known keys: batch_size, ema,"),
+    ("cvt_train.bench", ["bench.stepz=3"], "bench.stepz: unknown key; known keys: batch_size, channels_last,"),
 ])
 def test_bad_override_is_one_line_before_anything_runs(module, args, expected, tmp_path):
     result = cli(module, args, tmp_path)

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 import cvt_train
 from cvt_train import cli
 from cvt_train import eval as eval_module
-from cvt_train.config import SCHEMAS, _unwrap
+from cvt_train.config import SCHEMAS
+from cvt_train.schema import _unwrap
 from conftest import compose_train
 from fakedata import write_cifar10_python
 
@@ -75,12 +76,14 @@ def test_every_field_refuses_a_wrong_type_in_one_line(app, key, value, monkeypat
 
 
 def test_range_phrase_comes_from_the_field_metadata():
-    from cvt_train.config import TrainConfig, expected_text, lookup
+    from cvt_train.config import TrainConfig
+    from cvt_train.schema import expected_text, lookup
 
     assert expected_text(*lookup(TrainConfig, "trainer.epochs")) == "an integer >= 1"
     assert expected_text(*lookup(TrainConfig, "optim.lr")) == "a number >= 0 or null"
     assert expected_text(*lookup(TrainConfig, "trainer.ema.decay")).startswith("a number in [0, 1) (e.g. 0.9998")
-    assert expected_text(*lookup(TrainConfig, "model.stages[1].depth")) == "an integer"
+    assert expected_text(*lookup(TrainConfig, "model.stages[1].depth")) == "an integer >= 1"
+    assert expected_text(*lookup(TrainConfig, "aug.hflip")) == "a number in [0, 1]"
     assert lookup(TrainConfig, "trainer.epoch") is None
 
 

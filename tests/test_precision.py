@@ -28,8 +28,19 @@ def test_cpu_and_names():
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is torch.bfloat16
     assert [precision_name(autocast_dtype(p, cpu)) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
-    with pytest.raises(UserError, match=r"trainer.precision: 'fp8' is not one of auto, bf16, fp16, fp32"):
-        autocast_dtype("fp8", cpu)
+
+
+@pytest.mark.parametrize("validate_app", ["train", "eval", "bench"])
+def test_unknown_precision_is_refused_by_each_apps_schema(validate_app):
+    """The precision names are the schema's choices; each app's validate refuses another one in one line."""
+    from omegaconf import OmegaConf
+
+    from cvt_train.config import SCHEMAS, check_group
+
+    cfg = OmegaConf.merge(OmegaConf.structured(SCHEMAS[validate_app]), {"trainer": {"precision": "fp8"}})
+    with pytest.raises(UserError, match=r"^trainer.precision='fp8': unknown precision; choose one of bf16, fp16, "
+                                        r"fp32, auto \(e.g. trainer.precision=bf16\)$"):
+        check_group(cfg, "trainer", OmegaConf.get_type(cfg, "trainer"))
 
 
 @pytest.mark.parametrize("tf32", [True, False])

@@ -248,18 +248,12 @@ class Data:
         self.rank, self.world_size, self.device = int(rank), int(world_size), torch.device(device)
         self.cfg = dcfg
         self.name = str(dcfg.get("name", ""))
-        self.image_size = _pos_int(dcfg, "image_size")
-        self.batch_size = _pos_int(dcfg, "batch_size")
-        self.num_workers = _int(dcfg, "num_workers", 0, minimum=0)
+        self.image_size, self.batch_size = int(dcfg["image_size"]), int(dcfg["batch_size"])
+        self.num_workers = int(dcfg.get("num_workers") or 0)
         self.skip_corrupt = bool(dcfg.get("skip_corrupt", False))
-        self.mean, self.std = _triple(dcfg, "mean"), _triple(dcfg, "std")
-        if min(self.std) <= 0:
-            raise UserError(f"data.std={list(self.std)}: every entry must be > 0")
-        val_split = float(dcfg.get("val_split", 0) or 0)
-        if not 0.0 <= val_split < 1.0:
-            raise UserError(f"data.val_split={val_split}: must be 0 (use the val/test split) or a fraction in (0, 1)")
-        train_subset = _opt_int(dcfg, "train_subset")
-        val_subset = _opt_int(dcfg, "val_subset")
+        self.mean, self.std = tuple(map(float, dcfg["mean"])), tuple(map(float, dcfg["std"]))
+        val_split = float(dcfg.get("val_split") or 0)
+        train_subset, val_subset = dcfg.get("train_subset"), dcfg.get("val_subset")
         if not 0 <= self.rank < self.world_size:
             raise UserError(f"rank {self.rank} is outside world_size {self.world_size}")
 
@@ -443,7 +437,8 @@ def _stop_workers(loader: DataLoader) -> None:  # hand-written: DataLoader has n
 
 def build_data(cfg: Any, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                train: bool = True, eval_on_train: bool = False) -> Data:
-    """Everything the trainer needs from cfg.data / cfg.aug / cfg.trainer.seed (the whole composed config).
+    """Everything the trainer needs from cfg.data / cfg.aug / cfg.trainer.seed (the whole composed config, checked
+    by its app's validate: the values are trusted here, and only what needs the data itself is checked).
 
     train=False (evaluation only): the training split is not read unless val_split > 0 needs it, num_train and
     steps_per_epoch are 0, and train_batches() raises. eval_on_train: val_batches() yields the training images
@@ -452,7 +447,7 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, device: torch.devic
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# config helpers
+# subsets
 
 
 def _subset(idx: torch.Tensor, n: int | None, key: str, salt: int) -> torch.Tensor:
@@ -461,37 +456,3 @@ def _subset(idx: torch.Tensor, n: int | None, key: str, salt: int) -> torch.Tens
         return idx
     perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(derive_seed(SPLIT_SEED, salt)))
     return idx[perm[:n]].sort().values
-
-
-def _int(dcfg: Any, key: str, default: int, minimum: int) -> int:
-    v = dcfg.get(key, default)
-    if v is None:
-        v = default
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise UserError(f"data.{key}={v!r}: expected an integer >= {minimum}")
-    return int(v)
-
-
-def _pos_int(dcfg: Any, key: str) -> int:
-    if dcfg.get(key) is None:
-        raise UserError(f"data.{key} is not set; set data.{key}=<integer>")
-    return _int(dcfg, key, 0, minimum=1)
-
-
-def _opt_int(dcfg: Any, key: str) -> int | None:
-    v = dcfg.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise UserError(f"data.{key}={v!r}: expected null or an integer >= 1")
-    return v
-
-
-def _triple(dcfg: Any, key: str) -> tuple[float, float, float]:
-    v = dcfg.get(key)
-    try:
-        t = tuple(float(x) for x in v)
-        assert len(t) == 3
-    except Exception:
-        raise UserError(f"data.{key}={v!r}: expected 3 numbers (per RGB channel, 0..1 pixel scale)") from None
-    return t

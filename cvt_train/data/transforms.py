@@ -12,16 +12,17 @@ official CvT recipe uses.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
+from ..schema import check_values, rule, typed
 
 CROPS = ("random_resized", "pad_crop", "none")
 AUTO_AUGMENTS = (None, "randaugment", "trivialaugment")
@@ -33,26 +34,27 @@ INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": Interpolati
 class AugConfig:
     """The keys of every conf/aug/*.yaml (see those files for what each does)."""
     name: str = "none"
-    crop: str = "none"                 # random_resized | pad_crop | none
-    crop_padding: int = 4              # pad_crop: zero padding on each side before the random crop
-    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])     # random_resized: area range
-    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])  # random_resized: aspect range
-    hflip: float = 0.0                 # probability of a horizontal flip
-    auto_augment: Optional[str] = None  # null | randaugment | trivialaugment
-    randaugment_num_ops: int = 2
-    randaugment_magnitude: int = 9
-    randaugment_bins: int = 11         # 11 bins: magnitude 9 = 0.9 of each op's range, as timm's m9 (imagenet.yaml)
-    randaugment_magnitude_std: float = 0.0  # > 0: each op's magnitude ~ N(magnitude, std), clipped (timm's mstd)
-    randaugment_op_prob: float = 1.0   # each chosen op is applied with this probability (timm: 0.5; torchvision: 1)
-    color_jitter: float = 0.0          # brightness = contrast = saturation; only when auto_augment is null (timm)
-    random_erasing: float = 0.0        # probability; erased pixels get per-pixel normal noise (timm's "pixel" mode)
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0              # probability that a batch is mixed at all (when an alpha > 0)
-    mix_switch_prob: float = 0.5       # probability of CutMix rather than MixUp when both alphas > 0
-    label_smoothing: float = 0.0       # used by the trainer's loss, not here
-    interpolation: str = "bilinear"    # bilinear | bicubic | nearest, for every resize / crop / RandAugment op
-    eval_crop_ratio: float = 1.0       # eval: resize the short side to image_size / ratio, center-crop image_size
+    crop: str = rule("none", choices=CROPS, what="crop")
+    crop_padding: int = rule(4, ge=0)  # pad_crop: zero padding on each side before the random crop
+    crop_scale: List[float] = rule([0.08, 1.0], length=2, item_gt=0, expected="[low, high] with 0 < low <= high")
+    crop_ratio: List[float] = rule([0.75, 1.3333333333333333], length=2, item_gt=0,
+                                   expected="[low, high] with 0 < low <= high")  # random_resized: aspect range
+    hflip: float = rule(0.0, ge=0, le=1)  # probability of a horizontal flip
+    auto_augment: Optional[str] = rule(None, choices=AUTO_AUGMENTS, what="auto augmentation")
+    randaugment_num_ops: int = rule(2, ge=0)
+    randaugment_magnitude: int = rule(9, ge=0)  # < randaugment_bins
+    randaugment_bins: int = rule(11, ge=2)  # 11 bins: magnitude 9 = 0.9 of each op's range, as timm's m9 (imagenet.yaml)
+    randaugment_magnitude_std: float = rule(0.0, ge=0, lt=float("inf"))  # > 0: magnitude ~ N(magnitude, std), clipped (timm's mstd)
+    randaugment_op_prob: float = rule(1.0, ge=0, le=1)  # each chosen op is applied with this probability (timm 0.5)
+    color_jitter: float = rule(0.0, ge=0)  # brightness = contrast = saturation; only when auto_augment is null (timm)
+    random_erasing: float = rule(0.0, ge=0, le=1)  # probability; erased pixels get per-pixel normal noise (timm's "pixel")
+    mixup_alpha: float = rule(0.0, ge=0)
+    cutmix_alpha: float = rule(0.0, ge=0)
+    mix_prob: float = rule(1.0, ge=0, le=1)  # probability that a batch is mixed at all (when an alpha > 0)
+    mix_switch_prob: float = rule(0.5, ge=0, le=1)  # probability of CutMix rather than MixUp when both alphas > 0
+    label_smoothing: float = rule(0.0, ge=0, lt=1)  # used by the trainer's loss, not here
+    interpolation: str = rule("bilinear", choices=tuple(INTERPOLATIONS), what="interpolation")  # every resize and op
+    eval_crop_ratio: float = rule(1.0, gt=0, le=1)  # eval: resize the short side to image_size / ratio, crop the center
 
     @property
     def mixing(self) -> bool:
@@ -64,56 +66,16 @@ class AugConfig:
 
 
 def aug_config(acfg: Any) -> AugConfig:
-    """Parse and check cfg.aug (None or missing = no augmentation)."""
+    """Parse and check cfg.aug (None or missing = no augmentation): the schema's rules, then those across keys."""
     if acfg is None:
         return AugConfig()
-    data = dict(acfg.items()) if hasattr(acfg, "items") else {}
-    out = {}
-    for f in fields(AugConfig):
-        if f.name not in data:
-            continue
-        v = data[f.name]
-        where = f"aug.{f.name}"
-        if f.name == "hflip" and isinstance(v, bool):
-            v = 0.5 if v else 0.0
-        if f.name in ("crop_scale", "crop_ratio"):
-            try:
-                v = tuple(float(x) for x in v)
-                assert len(v) == 2 and 0 < v[0] <= v[1]
-            except Exception:
-                raise UserError(f"{where}: expected [low, high] with 0 < low <= high, got {v!r}") from None
-        elif f.name in ("auto_augment",):
-            v = None if v in (None, "null", "none", "") else str(v)
-        elif isinstance(f.default, bool) or isinstance(f.default, str):
-            v = str(v)
-        elif isinstance(f.default, int):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise UserError(f"{where}: expected an integer, got {v!r}")
-        elif isinstance(f.default, float):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise UserError(f"{where}: expected a number, got {v!r}")
-            v = float(v)
-        out[f.name] = v
-    a = AugConfig(**out)
-    if a.crop not in CROPS:
-        raise UserError(f"aug.crop={a.crop!r}: choose one of {list(CROPS)}")
-    if a.auto_augment not in AUTO_AUGMENTS:
-        raise UserError(f"aug.auto_augment={a.auto_augment!r}: choose null, randaugment or trivialaugment")
-    if a.interpolation not in INTERPOLATIONS:
-        raise UserError(f"aug.interpolation={a.interpolation!r}: choose one of {list(INTERPOLATIONS)}")
-    for key in ("hflip", "random_erasing", "mix_prob", "mix_switch_prob", "randaugment_op_prob"):
-        if not 0.0 <= getattr(a, key) <= 1.0:
-            raise UserError(f"aug.{key}={getattr(a, key)}: must be a probability in [0, 1]")
-    for key in ("mixup_alpha", "cutmix_alpha", "color_jitter", "crop_padding"):
-        if getattr(a, key) < 0:
-            raise UserError(f"aug.{key}={getattr(a, key)}: must be >= 0")
-    if not 0.0 <= a.label_smoothing < 1.0:
-        raise UserError(f"aug.label_smoothing={a.label_smoothing}: must be in [0, 1)")
-    if not 0.0 < a.eval_crop_ratio <= 1.0:
-        raise UserError(f"aug.eval_crop_ratio={a.eval_crop_ratio}: must be in (0, 1]")
-    if not (0.0 <= a.randaugment_magnitude_std and math.isfinite(a.randaugment_magnitude_std)):
-        raise UserError(f"aug.randaugment_magnitude_std={a.randaugment_magnitude_std}: must be a finite number >= 0")
-    if a.randaugment_bins < 2 or not 0 <= a.randaugment_magnitude < a.randaugment_bins:
+    node = typed(acfg, AugConfig, "aug.", keep_unknown=True)
+    check_values(node, AugConfig, "aug.")
+    a = OmegaConf.to_object(node)
+    for key in ("crop_scale", "crop_ratio"):
+        if getattr(a, key)[0] > getattr(a, key)[1]:
+            raise UserError(f"aug.{key}={getattr(a, key)!r}: expected [low, high] with 0 < low <= high")
+    if a.randaugment_magnitude >= a.randaugment_bins:
         raise UserError(f"aug.randaugment_magnitude={a.randaugment_magnitude}: must be in 0..randaugment_bins-1 "
                         f"({a.randaugment_bins - 1})")
     return a

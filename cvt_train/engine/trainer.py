@@ -31,7 +31,7 @@ from ..flops import count_macs
 from ..models import CvT, model_config, num_params
 from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from . import distributed
-from .checks import check_config, flatten, resume_mismatch
+from .checks import flatten, resume_mismatch, validate
 from .checkpoint import (FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, restore_rng,
                          rng_states, save_atomic, write_text_atomic)
 from .distributed import all_reduce_max, broadcast_object, check_ranks_agree, init_distributed, on_main
@@ -78,7 +78,7 @@ class Trainer:
     """Set-up in __init__, the loop in `fit` and `train_step`, one method per part of it."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
-        check_config(cfg)
+        validate(cfg)
         self.cfg, tcfg = cfg, cfg.trainer
         self.dist = dist = init_distributed(tcfg.device, tcfg.dist_timeout_min)
         self.run_dir = Path(broadcast_object(str(run_dir)))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import UserError
+from ..schema import check_values, rule, typed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROJ_METHODS = ("dw_bn", "avg", "linear")
@@ -24,61 +25,38 @@ ACTS = ("quick_gelu", "gelu")
 
 @dataclass
 class StageConfig:
-    embed: str = "conv"  # "conv" (overlapping, kernel/stride/padding) or "patch" (ViT-style, kernel == stride)
-    patch_size: int = 3
-    patch_stride: int = 2
-    patch_padding: int = 1
-    dim_embed: int = 64
-    depth: int = 1
-    num_heads: int = 1
-    mlp_ratio: float = 4.0
+    embed: str = rule("conv", choices=EMBED_METHODS, what="embedding")  # conv: overlapping; patch: ViT-style, kernel == stride
+    patch_size: int = rule(3, ge=1)
+    patch_stride: int = rule(2, ge=1)
+    patch_padding: int = rule(1, ge=0)
+    dim_embed: int = rule(64, ge=1)
+    depth: int = rule(1, ge=1)
+    num_heads: int = rule(1, ge=1)
+    mlp_ratio: float = rule(4.0, gt=0)
     qkv_bias: bool = True
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    drop_rate: float = rule(0.0, ge=0, lt=1)
+    attn_drop_rate: float = rule(0.0, ge=0, lt=1)
+    drop_path_rate: float = rule(0.0, ge=0, lt=1)
     cls_token: bool = False
     pos_embed: bool = False
-    qkv_proj_method: str = "dw_bn"
-    kernel_qkv: int = 3
-    padding_q: int = 1
-    padding_kv: int = 1
-    stride_q: int = 1
-    stride_kv: int = 2
+    qkv_proj_method: str = rule("dw_bn", choices=PROJ_METHODS, what="projection")
+    kernel_qkv: int = rule(3, ge=1)
+    padding_q: int = rule(1, ge=0)
+    padding_kv: int = rule(1, ge=0)
+    stride_q: int = rule(1, ge=1)
+    stride_kv: int = rule(2, ge=1)
 
 
 @dataclass
 class ModelConfig:
     name: str = "cvt"
-    act: str = "quick_gelu"  # official; "gelu" (exact) as in HF transformers
-    num_classes: int = 1000
-    in_chans: int = 3
-    image_size: int = 224  # the size position embeddings are made for; other sizes interpolate them
-    ln_eps: float = 1e-5
-    init: str = "trunc_norm"  # or "xavier"
+    act: str = rule("quick_gelu", choices=ACTS, what="activation")  # official; "gelu" (exact) as in HF transformers
+    num_classes: int = rule(1000, ge=0, hint="0 = no head")
+    in_chans: int = rule(3, ge=1)
+    image_size: int = rule(224, ge=1)  # the size position embeddings are made for; other sizes interpolate them
+    ln_eps: float = rule(1e-5, gt=0)
+    init: str = rule("trunc_norm", choices=("trunc_norm", "xavier"), what="init")
     stages: list[StageConfig] = field(default_factory=list)
-
-
-def _check_keys(cls, data: Mapping, where: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-
-
-def _coerce(cls, data: Mapping, where: str) -> dict:
-    """Type-check values against the dataclass defaults (ints stay ints, bools stay bools)."""
-    out = {}
-    for f in fields(cls):
-        if f.name not in data or f.name == "stages":
-            continue
-        value, kind = data[f.name], type(f.default)
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise UserError(f"{where}.{f.name}: expected {kind.__name__}, got {value!r}")
-        out[f.name] = value
-    return out
 
 
 def model_config(cfg: Any, **overrides: Any) -> ModelConfig:
@@ -100,42 +78,24 @@ def model_config(cfg: Any, **overrides: Any) -> ModelConfig:
             raise UserError(f"model.{key}: cannot set this key ({' '.join(str(e).split())}); "
                             f"the model has {len(data.get('stages') or [])} stages, indexed from 0") from e
     data = OmegaConf.to_container(data, resolve=False)  # resolved above: a `${` left in a value is text
-    _check_keys(ModelConfig, data, "model")
-    stages = data.get("stages") or []
+    stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise UserError("model.stages: expected a non-empty list of per-stage dicts")
-    stage_cfgs = []
-    for i, s in enumerate(stages):
-        where = f"model.stages.{i}"
+    for i, s in enumerate(stages):  # each stage alone first: OmegaConf names a nested list item's key without its path
         if not isinstance(s, Mapping):
-            raise UserError(f"{where}: expected a dict of stage keys, got {s!r}")
-        _check_keys(StageConfig, s, where)
-        stage_cfgs.append(StageConfig(**_coerce(StageConfig, s, where)))
-    mc = ModelConfig(**_coerce(ModelConfig, data, "model"), stages=stage_cfgs)
+            raise UserError(f"model.stages.{i}: expected a dict of stage keys, got {s!r}")
+        check_values(typed(s, StageConfig, f"model.stages.{i}."), StageConfig, f"model.stages.{i}.")
+    node = typed(data, ModelConfig, "model.")
+    check_values(node, ModelConfig, "model.")
+    mc = OmegaConf.to_object(node)
     validate(mc)
     return mc
 
 
 def validate(cfg: ModelConfig) -> None:
-    """Reject configs that cannot build or run, naming the stage and key."""
-    if cfg.act not in ACTS:
-        raise UserError(f"model.act: unknown activation {cfg.act!r}; choose one of {list(ACTS)}")
-    if cfg.init not in ("trunc_norm", "xavier"):
-        raise UserError(f"model.init: unknown init {cfg.init!r}; choose trunc_norm or xavier")
-    if cfg.num_classes < 0:
-        raise UserError(f"model.num_classes: must be >= 0 (0 = no head), got {cfg.num_classes}")
+    """The rules across keys (the schema's `rule`s checked each key alone), naming the stage and key."""
     for i, s in enumerate(cfg.stages):
         w = f"model.stages.{i}"
-        if s.embed not in EMBED_METHODS:
-            raise UserError(f"{w}.embed: unknown embedding {s.embed!r}; choose one of {list(EMBED_METHODS)}")
-        if s.qkv_proj_method not in PROJ_METHODS:
-            raise UserError(f"{w}.qkv_proj_method: unknown method {s.qkv_proj_method!r}; choose one of {list(PROJ_METHODS)}")
-        for key in ("dim_embed", "depth", "num_heads", "patch_size", "patch_stride", "kernel_qkv", "stride_kv", "stride_q"):
-            if getattr(s, key) < 1:
-                raise UserError(f"{w}.{key}: must be >= 1, got {getattr(s, key)}")
-        for key in ("patch_padding", "padding_q", "padding_kv"):
-            if getattr(s, key) < 0:
-                raise UserError(f"{w}.{key}: must be >= 0, got {getattr(s, key)}")
         if s.dim_embed % s.num_heads:
             raise UserError(f"{w}.num_heads: {s.num_heads} heads do not divide dim_embed {s.dim_embed}")
         if s.qkv_proj_method == "dw_bn":  # only dw_bn convolves q (avg and linear leave it as is)
@@ -155,11 +115,6 @@ def validate(cfg: ModelConfig) -> None:
         if s.qkv_proj_method == "avg" and 2 * s.padding_kv > s.kernel_qkv:
             raise UserError(f"{w}.padding_kv: average pooling allows at most half the kernel as padding "
                             f"(kernel_qkv {s.kernel_qkv}), got {s.padding_kv}")
-        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(s, key) < 1.0:
-                raise UserError(f"{w}.{key}: must be in [0, 1), got {getattr(s, key)}")
-        if s.mlp_ratio <= 0:
-            raise UserError(f"{w}.mlp_ratio: must be > 0, got {s.mlp_ratio}")
     stage_map_sizes(cfg, (cfg.image_size, cfg.image_size))
 
 
