@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import UserError
+from .export import export_hf, export_official, export_onnx, export_safetensors, load_safetensors
 from .flops import count_macs
-from .models import CvT, ModelConfig, model_config, official_spec_to_config, preset_names
+from .models import CvT, ModelConfig, create_backbone, model_config, official_spec_to_config, preset_names
 from .models.convert import load_checkpoint
 
 __version__ = "0.1.0"
@@ -33,5 +35,20 @@ def from_official_spec(spec: Mapping, num_classes: int = 1000, **overrides: Any)
     return CvT(model_config(official_spec_to_config(spec, num_classes), **overrides))
 
 
-__all__ = ["create_model", "from_official_spec", "load_checkpoint", "load_model", "count_macs", "CvT",
-           "ModelConfig", "UserError", "preset_names"]
+__all__ = [
+    "create_model",
+    "create_backbone",
+    "from_official_spec",
+    "load_checkpoint",
+    "load_model",
+    "count_macs",
+    "CvT",
+    "ModelConfig",
+    "UserError",
+    "preset_names",
+    "export_hf",
+    "export_official",
+    "export_onnx",
+    "export_safetensors",
+    "load_safetensors",
+]

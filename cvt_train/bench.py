@@ -18,15 +18,16 @@ the optimizer step is not counted.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import hydra
 import torch
@@ -36,15 +37,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import create_model
-from .config import BenchSection, BenchTrainer, check_group  # (importing config registers the schemas)
 from .cli import check_overrides, friendly_errors
-from .errors import UserError
-from .flops import count_flops, count_macs
-from .models import ModelConfig, compile_model, model_config, num_params
+from .config import BenchSection, BenchTrainer, check_group  # (importing config registers the schemas)
 from .engine.distributed import resolve_device
 from .engine.precision import autocast, autocast_dtype, precision_name
-from .models.convert import to_format
-
+from .errors import UserError
+from .flops import count_flops, count_macs
+from .models import compile_model, model_config, num_params
+from .models.convert import hf_config, to_format
 
 
 # ----------------------------------------------------------------------------------------------- setup helpers
@@ -60,42 +60,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def hf_config(mc: ModelConfig):
-    """HF transformers' CvtConfig for our model config; a UserError for what HF's port cannot express."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise UserError("bench.compare=hf needs HF transformers: pip install transformers") from e
-    missing = [f"model.ln_eps={mc.ln_eps} (HF fixes 1e-5)"] if mc.ln_eps != 1e-5 else []
-    for i, s in enumerate(mc.stages):
-        if s.pos_embed:
-            missing.append(f"model.stages.{i}.pos_embed=true")
-        if s.qkv_proj_method == "avg":  # HF's "avg" means no convolution at all, i.e. our "linear"
-            missing.append(f"model.stages.{i}.qkv_proj_method=avg")
-        if s.cls_token and i < len(mc.stages) - 1:  # HF sizes every stage's token by the last stage's width
-            missing.append(f"model.stages.{i}.cls_token=true")
-        if s.depth <= i:  # HF indexes its per-block drop-path rates by the stage's index (transformers' bug)
-            missing.append(f"model.stages.{i}.depth={s.depth} (HF's CvT needs depth > {i} in stage {i})")
-    if missing:
-        raise UserError(f"bench.compare=hf: HF's CvT has no {', '.join(missing)}; compare a variant HF can build")
-    per_stage = lambda f: [f(s) for s in mc.stages]  # noqa: E731
-    patch = lambda s: s.embed == "patch"  # noqa: E731  ViT-style patches = a conv with kernel == stride, no padding
-    return transformers.CvtConfig(
-        num_channels=mc.in_chans, num_labels=mc.num_classes,
-        patch_sizes=per_stage(lambda s: s.patch_stride if patch(s) else s.patch_size),
-        patch_stride=per_stage(lambda s: s.patch_stride),
-        patch_padding=per_stage(lambda s: 0 if patch(s) else s.patch_padding),
-        embed_dim=per_stage(lambda s: s.dim_embed), num_heads=per_stage(lambda s: s.num_heads),
-        depth=per_stage(lambda s: s.depth), mlp_ratio=per_stage(lambda s: s.mlp_ratio),
-        attention_drop_rate=per_stage(lambda s: s.attn_drop_rate), drop_rate=per_stage(lambda s: s.drop_rate),
-        drop_path_rate=per_stage(lambda s: s.drop_path_rate), qkv_bias=per_stage(lambda s: s.qkv_bias),
-        cls_token=per_stage(lambda s: s.cls_token),
-        qkv_projection_method=per_stage(lambda s: "dw_bn" if s.qkv_proj_method == "dw_bn" else "avg"),
-        kernel_qkv=per_stage(lambda s: s.kernel_qkv), padding_kv=per_stage(lambda s: s.padding_kv),
-        stride_kv=per_stage(lambda s: s.stride_kv), padding_q=per_stage(lambda s: s.padding_q),
-        stride_q=per_stage(lambda s: s.stride_q))
 
 
 class HFLogits(nn.Module):
@@ -181,9 +145,11 @@ class Runner:
                 self.step()
             except RuntimeError as e:
                 if self.amp_dtype == torch.float16 and self.device.type == "cpu":
-                    raise UserError(f"trainer.precision=fp16: autocast on CPU failed in {self.name} "
-                                    f"({str(e).splitlines()[0]}); CPU lacks fp16 kernels for some ops, "
-                                    "use trainer.precision=bf16") from e
+                    raise UserError(
+                        f"trainer.precision=fp16: autocast on CPU failed in {self.name} "
+                        f"({str(e).splitlines()[0]}); CPU lacks fp16 kernels for some ops, "
+                        "use trainer.precision=bf16"
+                    ) from e
                 raise
         self.sync()
 
@@ -208,9 +174,14 @@ class Runner:
     def stats(self) -> dict:
         ips = sorted(self.x.shape[0] / t for t in self.times)
         q1, _, q3 = statistics.quantiles(ips, n=4, method="inclusive") if len(ips) > 1 else (ips[0],) * 3
-        return {"images_per_s": statistics.median(ips), "images_per_s_p25": q1, "images_per_s_p75": q3,
-                "images_per_s_min": ips[0], "images_per_s_max": ips[-1],
-                "step_ms_median": 1e3 * statistics.median(self.times)}
+        return {
+            "images_per_s": statistics.median(ips),
+            "images_per_s_p25": q1,
+            "images_per_s_p75": q3,
+            "images_per_s_min": ips[0],
+            "images_per_s_max": ips[-1],
+            "step_ms_median": 1e3 * statistics.median(self.times),
+        }
 
 
 class MatmulPeak:
@@ -270,9 +241,15 @@ def run(cfg: DictConfig) -> dict:
     amp_dtype = autocast_dtype(cfg.trainer.precision, device)
     precision = precision_name(amp_dtype)  # "auto" resolved
     if amp_dtype == torch.float16 and device.type == "cpu":
-        print("note: fp16 autocast on CPU is partly supported (some ops have no fp16 kernel and it is often slower "
-              "than bf16); prefer trainer.precision=bf16")
-    hf_cfg = hf_config(model_config(cfg.model)) if b.compare == "hf" else None  # fail early, before timing
+        print(
+            "note: fp16 autocast on CPU is partly supported (some ops have no fp16 kernel and it is often slower "
+            "than bf16); prefer trainer.precision=bf16"
+        )
+    hf_cfg = (
+        hf_config(dataclasses.replace(model_config(cfg.model), act="gelu"), context="bench.compare=hf")
+        if b.compare == "hf"
+        else None
+    )  # fail early, before timing; both run exact GELU
     torch.manual_seed(cfg.seed)
     overrides = {"act": "gelu"} if b.compare == "hf" else {}
     model = create_model(cfg.model, **overrides)
@@ -292,6 +269,7 @@ def run(cfg: DictConfig) -> dict:
     result: dict = {}
     if hf_cfg is not None:
         import transformers
+
         hf = transformers.CvtForImageClassification(hf_cfg)
         hf.load_state_dict(to_format(model.state_dict(), "hf"))  # the same weights and BatchNorm statistics
         hf = HFLogits(hf).to(device=device, memory_format=memory_format)
@@ -308,32 +286,60 @@ def run(cfg: DictConfig) -> dict:
 
     peak = MatmulPeak(device, amp_dtype or torch.float32, b.peak_size or (4096 if device.type == "cuda" else 2048))
     for i in range(b.steps):  # ABBA: ours, ref, ref, ours, ...
-        for runner in (runners if i % 2 == 0 else runners[::-1]):
+        for runner in runners if i % 2 == 0 else runners[::-1]:
             runner.timed_step()
         peak.measure()
 
     s = ours.stats()
     tflops = flops / (s["step_ms_median"] / 1e3) / 1e12
     result = {
-        **s, "gmacs": gmacs, "params": num_params(model), "tflops": tflops, "peak_tflops": peak.tflops(),
-        "peak_fraction": tflops / peak.tflops(), "flops_per_step": flops,
+        **s,
+        "gmacs": gmacs,
+        "params": num_params(model),
+        "tflops": tflops,
+        "peak_tflops": peak.tflops(),
+        "peak_fraction": tflops / peak.tflops(),
+        "flops_per_step": flops,
         "peak_memory_mb": ours.peak_mem_mb if device.type == "cuda" else cpu_rss_ours,
-        "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                             f"process max RSS (ours: before the {b.compare} model existed; {b.compare}: at the end, "
-                             "both resident)" if b.compare else "process max RSS"),
-        "device": device_name(device), "device_type": device.type, "model": model.cfg.name, "act": model.cfg.act,
-        "mode": b.mode, "precision": precision, "batch_size": b.batch_size, "resolution": r, "steps": b.steps,
-        "warmup": b.warmup, "compile": bool(b.compile), "channels_last": bool(b.channels_last),
-        "peak_matmul": f"{peak.n}x{peak.n} {str(peak.dtype).removeprefix('torch.')}", "compare": b.compare,
-        "threads": torch.get_num_threads(), "load_average_before": load_before, "load_average_after": load_average(),
-        "torch_version": torch.__version__, **result}
+        "peak_memory_kind": (
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else f"process max RSS (ours: before the {b.compare} model existed; {b.compare}: at the end, both resident)"
+            if b.compare
+            else "process max RSS"
+        ),
+        "device": device_name(device),
+        "device_type": device.type,
+        "model": model.cfg.name,
+        "act": model.cfg.act,
+        "mode": b.mode,
+        "precision": precision,
+        "batch_size": b.batch_size,
+        "resolution": r,
+        "steps": b.steps,
+        "warmup": b.warmup,
+        "compile": bool(b.compile),
+        "channels_last": bool(b.channels_last),
+        "peak_matmul": f"{peak.n}x{peak.n} {str(peak.dtype).removeprefix('torch.')}",
+        "compare": b.compare,
+        "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "torch_version": torch.__version__,
+        **result,
+    }
     if len(runners) > 1:  # the reference's figures under its name: hf_images_per_s, eager_images_per_s, ...
         ref, h = theirs.name, theirs.stats()
         ref_tflops = result[f"{ref}_flops_per_step"] / (h["step_ms_median"] / 1e3) / 1e12
         result.update({f"{ref}_{k}": v for k, v in h.items()})
-        result.update({f"{ref}_tflops": ref_tflops, f"{ref}_peak_fraction": ref_tflops / peak.tflops(),
-                       f"{ref}_peak_memory_mb": theirs.peak_mem_mb if device.type == "cuda" else max_rss_mb(),
-                       f"ratio_vs_{ref}": s["images_per_s"] / h["images_per_s"]})
+        result.update(
+            {
+                f"{ref}_tflops": ref_tflops,
+                f"{ref}_peak_fraction": ref_tflops / peak.tflops(),
+                f"{ref}_peak_memory_mb": theirs.peak_mem_mb if device.type == "cuda" else max_rss_mb(),
+                f"ratio_vs_{ref}": s["images_per_s"] / h["images_per_s"],
+            }
+        )
         if ref == "hf":
             result["transformers_version"] = transformers.__version__
     return result
@@ -353,26 +359,42 @@ def same_math(ours: nn.Module, hf: nn.Module, x: torch.Tensor) -> float:
 def report(res: dict) -> str:
     def row(name: str, p: str = "") -> str:
         mem = res.get(f"{p}peak_memory_mb")
-        return (f"{name:<12}{res[p + 'images_per_s']:>10.1f}  [{res[p + 'images_per_s_p25']:.1f}, "
-                f"{res[p + 'images_per_s_p75']:.1f}]{'':<4}{res[p + 'tflops']:>8.3f}{100 * res[p + 'peak_fraction']:>9.1f}%"
-                f"{(f'{mem:>10.0f}' if mem is not None else '         -')}")
+        return (
+            f"{name:<12}{res[p + 'images_per_s']:>10.1f}  [{res[p + 'images_per_s_p25']:.1f}, "
+            f"{res[p + 'images_per_s_p75']:.1f}]{'':<4}{res[p + 'tflops']:>8.3f}{100 * res[p + 'peak_fraction']:>9.1f}%"
+            f"{(f'{mem:>10.0f}' if mem is not None else '         -')}"
+        )
 
-    lines = [f"cvt-bench  {res['model']} (act={res['act']})  {res['mode']}  {res['precision']}  batch {res['batch_size']}"
-             f"  {res['resolution']}x{res['resolution']}  on {res['device']}"
-             + ("  [compiled]" if res["compile"] else "") + ("  [channels_last]" if res["channels_last"] else ""),
-             f"{'':<12}{'images/s':>10}  [IQR]{'':<11}{'TFLOP/s':>8}{'of peak':>10}{'mem MB':>10}", row("ours")]
+    lines = [
+        f"cvt-bench  {res['model']} (act={res['act']})  {res['mode']}  {res['precision']}  batch {res['batch_size']}"
+        f"  {res['resolution']}x{res['resolution']}  on {res['device']}"
+        + ("  [compiled]" if res["compile"] else "")
+        + ("  [channels_last]" if res["channels_last"] else ""),
+        f"{'':<12}{'images/s':>10}  [IQR]{'':<11}{'TFLOP/s':>8}{'of peak':>10}{'mem MB':>10}",
+        row("ours"),
+    ]
     if "ratio_vs_hf" in res:
-        lines += [row("hf", "hf_"), f"{'ours / hf':<12}{res['ratio_vs_hf']:>10.2f}x   (alternating steps; "
-                  f"both exact GELU; max |logit diff| vs HF {res['hf_max_abs_diff']:.1e})"]
+        lines += [
+            row("hf", "hf_"),
+            f"{'ours / hf':<12}{res['ratio_vs_hf']:>10.2f}x   (alternating steps; "
+            f"both exact GELU; max |logit diff| vs HF {res['hf_max_abs_diff']:.1e})",
+        ]
     if "ratio_vs_eager" in res:
-        lines += [row("eager", "eager_"), f"{'ours / eager':<12}{res['ratio_vs_eager']:>10.2f}x   (alternating "
-                  "steps; ours compiled, eager the same weights uncompiled)"]
-    lines.append(f"GMACs/image {res['gmacs']:.3f}   params {res['params']:,}   matmul peak {res['peak_tflops']:.2f} "
-                 f"TFLOP/s ({res['peak_matmul']}, median of rounds)")
+        lines += [
+            row("eager", "eager_"),
+            f"{'ours / eager':<12}{res['ratio_vs_eager']:>10.2f}x   (alternating "
+            "steps; ours compiled, eager the same weights uncompiled)",
+        ]
+    lines.append(
+        f"GMACs/image {res['gmacs']:.3f}   params {res['params']:,}   matmul peak {res['peak_tflops']:.2f} "
+        f"TFLOP/s ({res['peak_matmul']}, median of rounds)"
+    )
     lines.append(f"mem MB: {res['peak_memory_kind']}")
     if res["device_type"] == "cpu" and res["load_average_before"]:
-        lines.append(f"{res['threads']} threads; 1-min load average {res['load_average_before'][0]} before, "
-                     f"{res['load_average_after'][0]} after (other processes on these cores skew timings)")
+        lines.append(
+            f"{res['threads']} threads; 1-min load average {res['load_average_before'][0]} before, "
+            f"{res['load_average_after'][0]} after (other processes on these cores skew timings)"
+        )
     return "\n".join(lines)
 
 

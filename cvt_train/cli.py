@@ -12,8 +12,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -22,8 +22,17 @@ from .errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by Ctrl-C
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
-                errno.EISDIR, errno.EIO}
+_DISK_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EIO,
+}
 
 
 def _debug() -> bool:
@@ -113,7 +122,9 @@ def _composition_message(e: Exception, app: str, given: dict) -> str:
     if isinstance(e, MissingConfigException) and e.options is not None:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         return f"{group}={option}: no such option; choose one of {', '.join(e.options)}"
-    if isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)) and app in SCHEMAS:  # a key the schema does not have
+    if (
+        isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)) and app in SCHEMAS
+    ):  # a key the schema does not have
         return str(schema_error(e.__cause__, SCHEMAS[app]))
     if isinstance(e, ValueError):  # `model=3`: a group's option must be a config's name
         bad = [f"{k}={v}" for k, v in given.items() if "." not in k and not isinstance(v, (str, list))]
@@ -152,7 +163,7 @@ def check_overrides(config_name: str) -> None:
         if values:  # an empty sweep launches no job: nothing to check (each value can fail: the schema types it)
             choices.append(values)
     first = [c[0] for c in choices]
-    variants = [first] + [first[:i] + [v] + first[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
+    variants = [first] + [first[:i] + [v] + first[i + 1 :] for i, c in enumerate(choices) for v in c[1:]]
     try:
         with initialize_config_module("cvt_train.conf", version_base="1.3"):
             for overrides in variants:
@@ -193,5 +204,10 @@ def prepare_distributed_argv() -> None:
         return
     scratch = tempfile.mkdtemp(prefix=f"cvt-train-rank{os.environ['RANK']}-")  # for -m or hydra.mode=MULTIRUN
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none", "hydra.run.dir=.",
-                 "hydra.sweep.dir='{}'".format(scratch.replace("'", "\\'"))]  # quoted: TMPDIR may hold , or =
+    sys.argv += [
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+        "hydra/hydra_logging=none",
+        "hydra.run.dir=.",
+        "hydra.sweep.dir='{}'".format(scratch.replace("'", "\\'")),
+    ]  # quoted: TMPDIR may hold , or =

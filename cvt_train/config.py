@@ -15,7 +15,7 @@ it is escaped first (schema.as_plain_data), so nothing in it is resolved, and no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -28,33 +28,36 @@ from .schema import check_values, rule, typed
 @dataclass
 class DataConfig:
     name: str = MISSING
-    root: Optional[str] = None
+    root: str | None = None
     num_classes: int = rule(MISSING, ge=1)
     image_size: int = rule(224, ge=1)
-    mean: List[float] = rule([0.485, 0.456, 0.406], expected="3 numbers (per RGB channel, 0..1 pixel scale)", length=3)
-    std: List[float] = rule([0.229, 0.224, 0.225], expected="3 numbers > 0 (per RGB channel, 0..1 pixel scale)",
-                          length=3, item_gt=0)
+    mean: list[float] = rule([0.485, 0.456, 0.406], expected="3 numbers (per RGB channel, 0..1 pixel scale)", length=3)
+    std: list[float] = rule(
+        [0.229, 0.224, 0.225], expected="3 numbers > 0 (per RGB channel, 0..1 pixel scale)", length=3, item_gt=0
+    )
     batch_size: int = rule(64, ge=1)
     num_workers: int = rule(0, ge=0)
     download: bool = False
-    val_split: Optional[float] = rule(0.0, ge=0, lt=1, hint="0 validates on the dataset's val/test split, 0.1 holds "
-                                                          "out 10% of train instead")
-    train_subset: Optional[int] = rule(None, ge=1)
-    val_subset: Optional[int] = rule(None, ge=1)
+    val_split: float | None = rule(
+        0.0, ge=0, lt=1, hint="0 validates on the dataset's val/test split, 0.1 holds out 10% of train instead"
+    )
+    train_subset: int | None = rule(None, ge=1)
+    val_subset: int | None = rule(None, ge=1)
     skip_corrupt: bool = False
     in_memory: bool = False
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
 
 
 @dataclass
 class OptimConfig:
     name: str = rule("adamw", choices=("adamw", "sgd"), what="optimizer")
-    lr: Optional[float] = rule(None, ge=0)
+    lr: float | None = rule(None, ge=0)
     base_lr: float = rule(5e-4, ge=0)
     base_batch_size: int = rule(512, ge=1)
     weight_decay: float = rule(0.05, ge=0)
-    betas: List[float] = rule([0.9, 0.999], expected="two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]",
-                            length=2, item_ge=0, item_lt=1)
+    betas: list[float] = rule(
+        [0.9, 0.999], expected="two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]", length=2, item_ge=0, item_lt=1
+    )
     eps: float = rule(1e-8, ge=0)
     fused: bool = True
     momentum: float = rule(0.9, ge=0)
@@ -85,7 +88,7 @@ class TrainerConfig:
     epochs: int = rule(100, ge=1)
     device: str = "auto"
     precision: str = rule("auto", choices=PRECISIONS, what="precision")
-    grad_clip: Optional[float] = rule(None, ge=0)
+    grad_clip: float | None = rule(None, ge=0)
     accum_steps: int = rule(1, ge=1)
     channels_last: bool = True
     compile: bool = False
@@ -96,10 +99,10 @@ class TrainerConfig:
     seed: int = rule(0, ge=0)
     deterministic: bool = False
     eval_every: int = rule(1, ge=1)
-    resume: Optional[str] = None
-    init_from: Optional[str] = None
+    resume: str | None = None
+    init_from: str | None = None
     max_nonfinite: int = rule(5, ge=1)
-    max_steps_per_epoch: Optional[int] = rule(None, ge=1)
+    max_steps_per_epoch: int | None = rule(None, ge=1)
     log_every: int = rule(20, ge=1)
     progress: bool = True
     profile: bool = False
@@ -114,15 +117,15 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    ablation: Dict[str, Any] = field(default_factory=dict)  # free-form knobs that recipes interpolate (experiment/)
+    ablation: dict[str, Any] = field(default_factory=dict)  # free-form knobs that recipes interpolate (experiment/)
 
 
 @dataclass
 class EvalSection:
     split: str = rule("val", choices=("val", "test", "train"), what="split")
-    resolution: Optional[int] = rule(None, ge=1)
+    resolution: int | None = rule(None, ge=1)
     ema: bool = False
-    batch_size: Optional[int] = rule(None, ge=1)
+    batch_size: int | None = rule(None, ge=1)
     progress: bool = True
 
 
@@ -150,11 +153,11 @@ class BenchSection:
     resolution: int = rule(224, ge=1)
     steps: int = rule(20, ge=1)
     warmup: int = rule(3, ge=0)
-    compare: Optional[str] = rule(None, choices=(None, "hf", "eager"), what="reference")
+    compare: str | None = rule(None, choices=(None, "hf", "eager"), what="reference")
     compile: bool = False
     channels_last: bool = False
-    peak_size: Optional[int] = rule(None, ge=1)
-    threads: Optional[int] = rule(None, ge=1)
+    peak_size: int | None = rule(None, ge=1)
+    threads: int | None = rule(None, ge=1)
 
 
 @dataclass
@@ -171,9 +174,32 @@ class BenchConfig:
     bench: BenchSection = field(default_factory=BenchSection)
 
 
-SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig}
-GROUPS = {"model": ModelConfig, "data": DataConfig, "aug": AugConfig, "optim": OptimConfig, "sched": SchedConfig,
-          "trainer": TrainerConfig}
+@dataclass
+class ExportConfig:
+    """cvt-export's keys; the model / data / aug groups are read as cvt-eval reads them (export.py)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    ckpt: str = MISSING
+    format: str = rule("hf", choices=("hf", "official", "safetensors", "onnx"), what="format")
+    out: str = MISSING
+    ema: bool = False
+    allow_approx: bool = False
+    check_images: int = rule(8, ge=1)
+    opset: int | None = rule(None, ge=7)
+    image_size: int | None = rule(None, ge=1)
+
+
+SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "bench": BenchConfig, "export": ExportConfig}
+GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "aug": AugConfig,
+    "optim": OptimConfig,
+    "sched": SchedConfig,
+    "trainer": TrainerConfig,
+}
 
 
 def register() -> None:
@@ -185,8 +211,9 @@ def register() -> None:
 register()
 
 
-def check_group(cfg: Any, group: str, schema: Optional[type] = None, keep_unknown: bool = False,
-                allow_missing: bool = False) -> DictConfig:
+def check_group(
+    cfg: Any, group: str, schema: type | None = None, keep_unknown: bool = False, allow_missing: bool = False
+) -> DictConfig:
     """typed() then check_values() for cfg[group] (a typed or a plain section); returns the typed section."""
     schema = schema or GROUPS[group]
     node = typed(cfg[group], schema, f"{group}.", keep_unknown=keep_unknown)

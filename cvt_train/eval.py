@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .config import EvalSection, EvalTrainer, check_group  # (importing config registers the schemas)
 from .cli import check_overrides, friendly_errors
+from .config import EvalSection, EvalTrainer, check_group  # (importing config registers the schemas)
 from .data.transforms import aug_config
 from .errors import UserError
 from .flops import count_macs
@@ -43,27 +43,38 @@ def stored_config(obj: dict, source: Any) -> DictConfig:
         raise UserError(f"{source}: {e}") from e
     for group in GROUPS:
         if group in config and not isinstance(config[group], dict):
-            raise UserError(f"{source}: the stored config's {group!r} entry is a {type(config[group]).__name__}, "
-                            "not a mapping; not a checkpoint this package wrote")
+            raise UserError(
+                f"{source}: the stored config's {group!r} entry is a {type(config[group]).__name__}, "
+                "not a mapping; not a checkpoint this package wrote"
+            )
     return OmegaConf.create(config)
 
 
 def load_model(path: str | Path, use_ema: bool = False) -> CvT:
-    """The model of one of our checkpoints, built from its stored config, in eval mode."""
+    """The model of one of our checkpoints (or of a file cvt-export format=safetensors wrote), built from its stored
+    config, in eval mode."""
+    if str(path).endswith(".safetensors"):
+        from .export import load_safetensors
+
+        return load_safetensors(path).eval()
     obj = read_file(path)
     if not is_own_checkpoint(obj):
-        raise UserError(f"{path}: not a cvt-train checkpoint; for official / HF weights build the model with "
-                        "create_model(...) and call load_checkpoint(model, path)")
+        raise UserError(
+            f"{path}: not a cvt-train checkpoint; for official / HF weights build the model with "
+            "create_model(...) and call load_checkpoint(model, path)"
+        )
     config = stored_config(obj, path)
     if "model" not in config:
-        raise UserError(f"{path}: the stored config has no 'model' entry; build the model with create_model(...) "
-                        "and call load_checkpoint(model, path)")
+        raise UserError(
+            f"{path}: the stored config has no 'model' entry; build the model with create_model(...) "
+            "and call load_checkpoint(model, path)"
+        )
     model = CvT(model_config(config.model))
     load_checkpoint(model, obj, use_ema=use_ema)
     return model.eval()
 
 
-def _user_overrides() -> tuple[set[str], list[str]]:
+def user_overrides() -> tuple[set[str], list[str]]:
     """Groups the user chose (`data=imagenet`) and keys the user set (`data.root=...`) on the command line."""
     groups, keys = set(), []
     for item in HydraConfig.get().overrides.task:
@@ -77,7 +88,7 @@ def _user_overrides() -> tuple[set[str], list[str]]:
 
 def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
     """The config to evaluate with: the checkpoint's own (for our checkpoints) under the user's overrides."""
-    groups, keys = _user_overrides()
+    groups, keys = user_overrides()
     if is_own_checkpoint(obj):
         stored = stored_config(obj, f"ckpt={cfg.ckpt}")
         out = OmegaConf.create({g: stored[g] for g in GROUPS if g in stored})
@@ -89,8 +100,10 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
                 OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
     else:
         if "model" not in groups:
-            raise UserError(f"ckpt: {cfg.ckpt} is not a cvt-train checkpoint (no stored config); name its "
-                            "architecture and data, e.g. model=cvt13 data=imagenet data.root=/data/imagenet")
+            raise UserError(
+                f"ckpt: {cfg.ckpt} is not a cvt-train checkpoint (no stored config); name its "
+                "architecture and data, e.g. model=cvt13 data=imagenet data.root=/data/imagenet"
+            )
         out = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=True) for g in GROUPS})
     out.trainer = cfg.trainer
     out.eval = cfg.eval
@@ -99,7 +112,7 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
     if cfg.eval.batch_size:
         out.data.batch_size = int(cfg.eval.batch_size)
     for key in ("data.train_subset", "data.val_subset"):  # a subset a run was trained with (a smoke run's) is not
-        if key not in keys:                                 # what an evaluation of a split means: only cvt-eval's own
+        if key not in keys:  # what an evaluation of a split means: only cvt-eval's own
             OmegaConf.update(out, key, None, merge=False)
     return out
 
@@ -107,11 +120,10 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
 def validate(cfg: DictConfig, ecfg: DictConfig) -> None:
     """cvt-eval's checks, once, before any data is read: its own keys (eval.*, trainer.*), then the config it
     evaluates with (the checkpoint's under the overrides: plain data, so its data and aug sections are checked
-    against their schemas here; the data section is replaced by the typed one, where keys an older checkpoint
-    lacks take the schema's defaults and keys the schema does not know are dropped)."""
+    against their schemas here; keys the schema does not know are left as they are, plain data)."""
     check_group(cfg, "eval", EvalSection)
     check_group(cfg, "trainer", EvalTrainer)
-    ecfg.data = check_group(ecfg, "data", keep_unknown=True)
+    check_group(ecfg, "data", keep_unknown=True)
     aug_config(ecfg.aug)
     mc = model_config(ecfg.model)
     if mc.num_classes != ecfg.data.num_classes:
@@ -131,12 +143,19 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     sd = extract_state_dict(obj, use_ema=cfg.eval.ema, source=str(cfg.ckpt))
     classes = head_classes(sd)
     if classes is not None and classes != ecfg.data.num_classes:
-        raise UserError(f"ckpt: {cfg.ckpt} classifies {classes} classes but data={ecfg.data.name} has "
-                        f"{ecfg.data.num_classes}; evaluate it on data with {classes} classes (data=cifar10: 10, "
-                        "data=cifar100: 100, data=imagenet: 1000, data=folder data.num_classes=N)")
+        raise UserError(
+            f"ckpt: {cfg.ckpt} classifies {classes} classes but data={ecfg.data.name} has "
+            f"{ecfg.data.num_classes}; evaluate it on data with {classes} classes (data=cifar10: 10, "
+            "data=cifar100: 100, data=imagenet: 1000, data=folder data.num_classes=N)"
+        )
     model = CvT(mc)
-    fmt = load_checkpoint(model, sd, source=f"ckpt={cfg.ckpt}", advice=f"the checkpoint does not fit model={mc.name}: "
-                          "pass the model= (and model.* overrides) its weights were made for")
+    fmt = load_checkpoint(
+        model,
+        sd,
+        source=f"ckpt={cfg.ckpt}",
+        advice=f"the checkpoint does not fit model={mc.name}: "
+        "pass the model= (and model.* overrides) its weights were made for",
+    )
     device = resolve_device(cfg.trainer.device)
     model = model.to(device).eval()
     if cfg.eval.split == "test":
@@ -156,9 +175,16 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
         "gmacs": count_macs(model, (mc.in_chans, size, size)) / 1e9,
         "images_per_s": metrics["images"] / max(seconds, 1e-9),
         "precision": precision_name(amp_dtype),
-        "checkpoint": str(cfg.ckpt), "checkpoint_format": fmt, "ema": bool(cfg.eval.ema),
-        "split": cfg.eval.split, "resolution": size, "model": mc.name, "data": ecfg.data.name,
-        "mean": list(ecfg.data.mean), "std": list(ecfg.data.std), "device": str(device),
+        "checkpoint": str(cfg.ckpt),
+        "checkpoint_format": fmt,
+        "ema": bool(cfg.eval.ema),
+        "split": cfg.eval.split,
+        "resolution": size,
+        "model": mc.name,
+        "data": ecfg.data.name,
+        "mean": list(ecfg.data.mean),
+        "std": list(ecfg.data.std),
+        "device": str(device),
     }
     Path(run_dir, "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "images", "params", "gmacs", "images_per_s")}))

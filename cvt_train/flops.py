@@ -17,12 +17,16 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
 
 
-def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _sdpa_cpu_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape)
 
 
-for _op, _formula in ((getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), _sdpa_cpu_flops),
-                      (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), _sdpa_cpu_backward_flops)):
+for _op, _formula in (
+    (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), _sdpa_cpu_flops),
+    (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), _sdpa_cpu_backward_flops),
+):
     if _op is not None:
         try:
             register_flop_formula(_op)(_formula)
@@ -30,13 +34,27 @@ for _op, _formula in ((getattr(aten, "_scaled_dot_product_flash_attention_for_cp
             pass
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                         _output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+def _conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
     """torch's formula, but with the weight gradient of a grouped conv divided by `groups`.
 
     torch counts the weight gradient as a conv of the input (channels as batch) with grad_out, which treats every
     input channel as seeing every output channel: `groups` times too much, i.e. C x for CvT's depthwise convs.
     """
+
     def swap01(shape):
         return [shape[1], shape[0], *shape[2:]]
 

@@ -15,8 +15,9 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import field
-from typing import Any, List, Mapping, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -68,8 +69,10 @@ def _inert_string(text: str) -> str:
     except GrammarParseError:  # OmegaConf could not read it back as text either
         live = True
     if live:
-        raise UserError(f"checkpoint config holds the string {text[:80]!r}, which could not be made inert "
-                        "(plain text) for OmegaConf; refusing it")
+        raise UserError(
+            f"checkpoint config holds the string {text[:80]!r}, which could not be made inert "
+            "(plain text) for OmegaConf; refusing it"
+        )
     return escaped
 
 
@@ -111,14 +114,14 @@ def display_key(full_key: str) -> str:
     return ".".join(key_parts(full_key))
 
 
-def lookup(schema: type, full_key: str) -> Optional[tuple[dataclasses.Field, Any]]:
+def lookup(schema: type, full_key: str) -> tuple[dataclasses.Field, Any] | None:
     """(field, its type) of `full_key` in the dataclass `schema`; list indices pass through to the item type and
     a list item's own key (`optim.betas[1]`) stands for the list. None where the key is not in the schema."""
     cls, found = schema, None
     for part in key_parts(full_key):
         if found is not None:
             inner = _unwrap(found[1])[0]
-            if typing.get_origin(inner) in (list, List) and part.isdigit():
+            if typing.get_origin(inner) in (list, list) and part.isdigit():
                 item = typing.get_args(inner)[0] if typing.get_args(inner) else Any
                 if dataclasses.is_dataclass(item):
                     cls, found = item, None
@@ -163,7 +166,7 @@ def expected_text(fld: dataclasses.Field, tp: Any) -> str:
             what = f"{what} {'<' if hi[0] == ')' else '<='} {_num(hi[1])}"
     elif inner is str:
         what = "a string"
-    elif typing.get_origin(inner) in (list, List):
+    elif typing.get_origin(inner) in (list, list):
         what = "a list"
     elif dataclasses.is_dataclass(inner):
         what = "a mapping of its keys"
@@ -183,7 +186,7 @@ def shown(value: Any) -> str:
     return repr(value)
 
 
-def type_error_message(schema: type, full_key: str, value: Any, prefix: str = "") -> Optional[str]:
+def type_error_message(schema: type, full_key: str, value: Any, prefix: str = "") -> str | None:
     """One line for a value of the wrong type at `full_key` (OmegaConf's ValidationError), from the schema; None
     where the key is not in the schema."""
     found = lookup(schema, full_key)
@@ -192,8 +195,13 @@ def type_error_message(schema: type, full_key: str, value: Any, prefix: str = ""
     key = display_key(f"{prefix}{full_key}")
     parts = key_parts(key)
     fld, tp = found
-    if parts and parts[-1].isdigit() and parts[-1] != fld.name and typing.get_origin(_unwrap(tp)[0]) in (list, List) \
-            and not dataclasses.is_dataclass((typing.get_args(_unwrap(tp)[0]) or [None])[0]):
+    if (
+        parts
+        and parts[-1].isdigit()
+        and parts[-1] != fld.name
+        and typing.get_origin(_unwrap(tp)[0]) in (list, list)
+        and not dataclasses.is_dataclass((typing.get_args(_unwrap(tp)[0]) or [None])[0])
+    ):
         key = ".".join(parts[:-1])  # optim.betas.1 -> optim.betas: the list is what the user gives
     return f"{key}={shown(value)}: expected {expected_text(fld, tp)}"
 
@@ -215,15 +223,15 @@ def schema_error(e: OmegaConfBaseException, schema: type, prefix: str = "") -> U
     return UserError(f"{key or prefix.rstrip('.')}: {' '.join(str(e).split())}")
 
 
-def _item_class(tp: Any) -> Optional[type]:
+def _item_class(tp: Any) -> type | None:
     """The dataclass a field of type `tp` holds, itself or as a list's items; None for scalars."""
     inner = _unwrap(tp)[0]
-    if typing.get_origin(inner) in (list, List):
+    if typing.get_origin(inner) in (list, list):
         inner = (typing.get_args(inner) or [None])[0]
     return inner if dataclasses.is_dataclass(inner) else None
 
 
-def _class_at(schema: type, parts: list[str]) -> Optional[type]:
+def _class_at(schema: type, parts: list[str]) -> type | None:
     """The dataclass of the section at `parts` (`['model', 'stages', '0']` -> StageConfig); None if there is none."""
     cls = schema
     for part in parts:
@@ -257,11 +265,16 @@ def _in_range(x: Any, meta: Mapping, pre: str = "") -> bool:
     return x == x and all(test(meta[pre + name]) for name, test in bounds.items() if pre + name in meta)
 
 
-def check_values(node: DictConfig, schema: type, prefix: str, allow_missing: bool = False) -> None:
+def check_values(
+    node: DictConfig, schema: type, prefix: str, allow_missing: bool = False, only: set[str] | None = None
+) -> None:
     """What a field's metadata declares beyond its type (range, choices, list length and item range) and `???`
-    values left unset, for one typed section; one UserError line naming the first key that breaks one."""
+    values left unset, for one typed section (its fields named in `only`, if given); one UserError line naming the
+    first key that breaks one."""
     hints = _hints(schema)
     for f in dataclasses.fields(schema):
+        if only is not None and f.name not in only:
+            continue
         key, meta, tp = f"{prefix}{f.name}", f.metadata, hints[f.name]
         if OmegaConf.is_missing(node, f.name):
             if allow_missing:  # the caller fills it in (the data module: the classes it counted)
@@ -276,8 +289,10 @@ def check_values(node: DictConfig, schema: type, prefix: str, allow_missing: boo
             if value not in meta["choices"]:
                 names = [c for c in meta["choices"] if c is not None]
                 chooser = prefix.rstrip(".") if f.name == "name" else key  # optim.name is chosen as optim=...
-                raise UserError(f"{key}={shown(value)}: unknown {meta.get('what', 'value')}; choose one of "
-                                f"{', '.join(names)} (e.g. {chooser}={names[0]})")
+                raise UserError(
+                    f"{key}={shown(value)}: unknown {meta.get('what', 'value')}; choose one of "
+                    f"{', '.join(names)} (e.g. {chooser}={names[0]})"
+                )
         elif OmegaConf.is_list(value):
             if len(value) != meta.get("length", len(value)) or not all(_in_range(x, meta, "item_") for x in value):
                 raise UserError(f"{key}={shown(value)}: expected {expected_text(f, tp)}")

@@ -19,8 +19,9 @@ METRIC_KEYS = ("top1", "top5", "best_top1", "loss", "epoch", "params", "gmacs", 
 def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Each job dir (with .hydra/overrides.yaml) as {overrides: {key: value}, metrics...}."""
     jobs = []
-    for overrides_file in sorted(Path(sweep_dir).glob("*/.hydra/overrides.yaml"),
-                                 key=lambda p: (len(p.parent.parent.name), p.parent.parent.name)):
+    for overrides_file in sorted(
+        Path(sweep_dir).glob("*/.hydra/overrides.yaml"), key=lambda p: (len(p.parent.parent.name), p.parent.parent.name)
+    ):
         job_dir = overrides_file.parent.parent
         overrides = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [] if "=" in o)
         row: dict[str, Any] = {"job": job_dir.name, "overrides": overrides}
@@ -43,10 +44,20 @@ def summarize(sweep_dir: str | Path) -> tuple[str, Path, Path]:
     varying = [k for k in all_keys if len({j["overrides"].get(k) for j in jobs}) > 1] or all_keys
     metrics = [k for k in METRIC_KEYS if any(k in j for j in jobs)]
     header = ["job", *varying, *metrics, "status"]
-    rows = [[j["job"], *(j["overrides"].get(k, "") for k in varying),
-             *(j.get(k, "") for k in metrics), j["status"]] for j in jobs]
-    md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                    *("| " + " | ".join(str(_fmt(v)) for v in r) + " |" for r in rows)]) + "\n"
+    rows = [
+        [j["job"], *(j["overrides"].get(k, "") for k in varying), *(j.get(k, "") for k in metrics), j["status"]]
+        for j in jobs
+    ]
+    md = (
+        "\n".join(
+            [
+                "| " + " | ".join(header) + " |",
+                "|" + "---|" * len(header),
+                *("| " + " | ".join(str(_fmt(v)) for v in r) + " |" for r in rows),
+            ]
+        )
+        + "\n"
+    )
     md_path, csv_path = sweep_dir / "summary.md", sweep_dir / "summary.csv"
     md_path.write_text(md)
     with csv_path.open("w", newline="") as f:  # full precision for other tools; the Markdown is rounded to read

@@ -35,8 +35,11 @@ def run(cfg: DictConfig) -> float:
                 summarize(hydra_cfg.sweep.dir)
             except OSError:  # the stop matters more than the table
                 pass
-            print(f"sweep stopped by signal {trainer.stop_signal}; rerun the same command with "
-                  f"hydra.sweep.dir={hydra_cfg.sweep.dir} trainer.resume=auto to continue it", file=sys.stderr)
+            print(
+                f"sweep stopped by signal {trainer.stop_signal}; rerun the same command with "
+                f"hydra.sweep.dir={hydra_cfg.sweep.dir} trainer.resume=auto to continue it",
+                file=sys.stderr,
+            )
         sys.exit(128 + trainer.stop_signal)
     return best_top1  # the metric a Hydra sweeper optimises
 

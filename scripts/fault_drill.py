@@ -39,17 +39,32 @@ N_TRAIN, N_TEST, BATCH = 300, 100, 50
 
 
 def train_args(data: Path, workers: int, epochs: int) -> list[str]:
-    return ["model=cvt_cifar_tiny", "data=cifar10", f"data.root={data}", f"data.num_workers={workers}",
-            f"data.batch_size={BATCH}", "trainer.precision=fp32", "trainer.progress=false", "optim.lr=2e-3",
-            "sched.warmup_epochs=0", f"trainer.epochs={epochs}", "trainer.resume=auto"]
+    return [
+        "model=cvt_cifar_tiny",
+        "data=cifar10",
+        f"data.root={data}",
+        f"data.num_workers={workers}",
+        f"data.batch_size={BATCH}",
+        "trainer.precision=fp32",
+        "trainer.progress=false",
+        "optim.lr=2e-3",
+        "sched.warmup_epochs=0",
+        f"trainer.epochs={epochs}",
+        "trainer.resume=auto",
+    ]
 
 
 def start(args: list[str], run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CVT_FAULT_INJECT", None)
     out = open(f"{run_dir}.out", "a")  # a file, not a pipe: killed trainers leave orphaned workers holding pipes
-    return subprocess.Popen([sys.executable, "-m", "cvt_train.train", *args, f"hydra.run.dir={run_dir}"],
-                            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cvt_train.train", *args, f"hydra.run.dir={run_dir}"],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def started_count(run_dir: Path) -> int:
@@ -72,8 +87,11 @@ def reference_run(args: list[str], run_dir: Path) -> float:
     code = start(args, run_dir).wait()
     if code != 0:
         raise SystemExit(f"reference run failed (exit {code}); see {run_dir}.out")
-    stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
-              for line in (run_dir / "train.log").read_text().splitlines() if STARTED in line or "epoch " in line]
+    stamps = [
+        datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+        for line in (run_dir / "train.log").read_text().splitlines()
+        if STARTED in line or "epoch " in line
+    ]
     return (stamps[-1] - stamps[0]).total_seconds() + 0.2  # + writing the last checkpoints
 
 
@@ -114,8 +132,16 @@ def differences(run_dir: Path, reference: Path) -> list[str]:
     return out
 
 
-def drill(i: int, args: list[str], run_dir: Path, reference: Path, span: float, rng: random.Random,
-          max_kills: int, signals: list[str]) -> bool:
+def drill(
+    i: int,
+    args: list[str],
+    run_dir: Path,
+    reference: Path,
+    span: float,
+    rng: random.Random,
+    max_kills: int,
+    signals: list[str],
+) -> bool:
     kills, notes, unclean = rng.randint(1, max_kills), [], []
     for _ in range(kills):
         before = started_count(run_dir)
@@ -162,15 +188,18 @@ def main() -> None:
         data = write_cifar10_python(work / "cifar", n_train=N_TRAIN, n_test=N_TEST)
         reference = work / "reference"
         span = reference_run(train_args(data, 0, a.epochs), reference)
-        print(f"reference: {a.epochs} epochs, uninterrupted; training took {span:.2f}s after start-up; each kill "
-              f"lands at a uniform random time in the part of that span a restart has left\n")
+        print(
+            f"reference: {a.epochs} epochs, uninterrupted; training took {span:.2f}s after start-up; each kill "
+            f"lands at a uniform random time in the part of that span a restart has left\n"
+        )
         signals = [s.strip().upper() for s in a.signals.split(",")]
         same = 0
         for i in range(1, a.runs + 1):
             workers = a.workers if a.workers is not None else rng.choice([0, 2])
             print(f"[data.num_workers={workers}]", end=" ")
-            same += drill(i, train_args(data, workers, a.epochs), work / f"run{i}", reference, span, rng,
-                          a.max_kills, signals)
+            same += drill(
+                i, train_args(data, workers, a.epochs), work / f"run{i}", reference, span, rng, a.max_kills, signals
+            )
         print(f"\n{same}/{a.runs} runs ended identical to the uninterrupted one")
     finally:
         if a.dir is None:

@@ -74,8 +74,15 @@ RUN_ORDER = ("precision", "resume", "syncs", "bench", "cifar_speed")
 CAPS = {"bench": (170, 90), "precision": (70, 60), "resume": (70, 60), "syncs": (50, 50), "cifar_speed": (130, 60)}
 BUDGET_S = 340
 # CvT-13's geometry with small widths and depths (tests/conftest.py's TINY): the --quick CPU stand-in for CvT-13.
-TINY = ("model.stages.0.dim_embed=16", "model.stages.1.dim_embed=32", "model.stages.2.dim_embed=48",
-        "model.stages.1.num_heads=2", "model.stages.2.num_heads=3", "model.stages.1.depth=1", "model.stages.2.depth=2")
+TINY = (
+    "model.stages.0.dim_embed=16",
+    "model.stages.1.dim_embed=32",
+    "model.stages.2.dim_embed=48",
+    "model.stages.1.num_heads=2",
+    "model.stages.2.num_heads=3",
+    "model.stages.1.depth=1",
+    "model.stages.2.depth=2",
+)
 LOSS_TOLERANCE = 0.10  # precision: mean loss of the last log windows within 10% of fp32's (see section_precision)
 
 
@@ -83,6 +90,7 @@ LOSS_TOLERANCE = 0.10  # precision: mean loss of the last log windows within 10%
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """How big each section runs: the real thing on a GPU, a handful of tiny steps with --quick."""
+
     bench_model: tuple[str, ...]  # bench: model overrides
     bench_resolution: int
     bench_batch: dict  # per bench.mode
@@ -100,27 +108,62 @@ class Sizes:
     cifar_warmup: int
 
     @staticmethod
-    def pick(device: str, quick: bool) -> "Sizes":
+    def pick(device: str, quick: bool) -> Sizes:
         if not quick:
             return GPU_SIZES
         return GPU_QUICK if device == "cuda" else CPU_QUICK
 
 
-GPU_SIZES = Sizes(bench_model=("model=cvt13",), bench_resolution=224, bench_batch={"train": 128, "infer": 256},
-                  bench_steps=20, bench_warmup=5, peak_size=None, train_epochs=15, train_steps_per_epoch=20,
-                  log_every=10, resume_steps_per_epoch=20, sync_steps=(8, 16),
-                  cifar_models={"cvt_cifar_tiny": (), "cvt13_cifar": ()}, cifar_batch=256, cifar_steps=20,
-                  cifar_warmup=5)
+GPU_SIZES = Sizes(
+    bench_model=("model=cvt13",),
+    bench_resolution=224,
+    bench_batch={"train": 128, "infer": 256},
+    bench_steps=20,
+    bench_warmup=5,
+    peak_size=None,
+    train_epochs=15,
+    train_steps_per_epoch=20,
+    log_every=10,
+    resume_steps_per_epoch=20,
+    sync_steps=(8, 16),
+    cifar_models={"cvt_cifar_tiny": (), "cvt13_cifar": ()},
+    cifar_batch=256,
+    cifar_steps=20,
+    cifar_warmup=5,
+)
 # --quick on a GPU: the same models, a few steps (reduce-overhead needs ~3 warm-up calls to record its graphs).
-GPU_QUICK = dataclasses.replace(GPU_SIZES, bench_batch={"train": 32, "infer": 64}, bench_steps=5, bench_warmup=3,
-                                train_epochs=2, train_steps_per_epoch=10, log_every=5, resume_steps_per_epoch=6,
-                                sync_steps=(4, 8), cifar_batch=64, cifar_steps=5, cifar_warmup=3)
+GPU_QUICK = dataclasses.replace(
+    GPU_SIZES,
+    bench_batch={"train": 32, "infer": 64},
+    bench_steps=5,
+    bench_warmup=3,
+    train_epochs=2,
+    train_steps_per_epoch=10,
+    log_every=5,
+    resume_steps_per_epoch=6,
+    sync_steps=(4, 8),
+    cifar_batch=64,
+    cifar_steps=5,
+    cifar_warmup=3,
+)
 # --quick on a CPU: tiny models too.
-CPU_QUICK = dataclasses.replace(GPU_QUICK, bench_model=("model=cvt13", *TINY), bench_resolution=32,
-                                bench_batch={"train": 4, "infer": 4}, bench_steps=3, bench_warmup=1, peak_size=256,
-                                train_epochs=1, train_steps_per_epoch=6, log_every=2, resume_steps_per_epoch=4,
-                                sync_steps=(2, 4), cifar_models={"cvt_cifar_tiny": (), "cvt13_cifar": TINY},
-                                cifar_batch=8, cifar_steps=3)
+CPU_QUICK = dataclasses.replace(
+    GPU_QUICK,
+    bench_model=("model=cvt13", *TINY),
+    bench_resolution=32,
+    bench_batch={"train": 4, "infer": 4},
+    bench_steps=3,
+    bench_warmup=1,
+    peak_size=256,
+    train_epochs=1,
+    train_steps_per_epoch=6,
+    log_every=2,
+    resume_steps_per_epoch=4,
+    sync_steps=(2, 4),
+    cifar_models={"cvt_cifar_tiny": (), "cvt13_cifar": TINY},
+    cifar_batch=8,
+    cifar_steps=3,
+)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -130,7 +173,8 @@ def say(*parts) -> None:
 
 def compose(config: str, overrides: list[str]):
     """A config of the project as its CLI would compose it (nothing runs)."""
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
 
     with initialize_config_module("cvt_train.conf", version_base="1.3"):
         return hydra_compose(config_name=config, overrides=list(overrides))
@@ -138,8 +182,9 @@ def compose(config: str, overrides: list[str]):
 
 def train_config(args, overrides: list[str]):
     """The quickstart recipe (cvt_cifar_tiny on the embedded digits, offline) on args.device, quiet."""
-    return compose("train", ["experiment=quickstart", f"trainer.device={args.device}", "trainer.progress=false",
-                             *overrides])
+    return compose(
+        "train", ["experiment=quickstart", f"trainer.device={args.device}", "trainer.progress=false", *overrides]
+    )
 
 
 def free_memory() -> None:
@@ -209,38 +254,66 @@ def section_bench(args, sizes: Sizes, res: Results, work: Path) -> None:
     for compiled in (False, True):
         for mode in ("train", "infer"):
             name = f"{mode}_{'compiled' if compiled else 'eager'}"
-            cfg = compose("bench", [*sizes.bench_model, f"device={args.device}", "trainer.precision=bf16",
-                                    f"bench.mode={mode}", f"bench.batch_size={sizes.bench_batch[mode]}",
-                                    f"bench.resolution={sizes.bench_resolution}", f"bench.steps={sizes.bench_steps}",
-                                    f"bench.warmup={sizes.bench_warmup}", f"bench.compile={str(compiled).lower()}",
-                                    *([f"bench.peak_size={sizes.peak_size}"] if sizes.peak_size else [])])
+            cfg = compose(
+                "bench",
+                [
+                    *sizes.bench_model,
+                    f"device={args.device}",
+                    "trainer.precision=bf16",
+                    f"bench.mode={mode}",
+                    f"bench.batch_size={sizes.bench_batch[mode]}",
+                    f"bench.resolution={sizes.bench_resolution}",
+                    f"bench.steps={sizes.bench_steps}",
+                    f"bench.warmup={sizes.bench_warmup}",
+                    f"bench.compile={str(compiled).lower()}",
+                    *([f"bench.peak_size={sizes.peak_size}"] if sizes.peak_size else []),
+                ],
+            )
             t = time.perf_counter()
             with default_compile_backend(args.backend):
                 r = bench.run(cfg)
-            r.update(seconds=round(time.perf_counter() - t, 1), mfu=r["peak_fraction"],
-                     compile_backend=args.backend if compiled else None)
+            r.update(
+                seconds=round(time.perf_counter() - t, 1),
+                mfu=r["peak_fraction"],
+                compile_backend=args.backend if compiled else None,
+            )
             runs[name] = r
             res["runs"] = runs
-            say(f"{name}: {r['images_per_s']:.1f} img/s, {r['tflops']:.2f} TFLOP/s = {100 * r['mfu']:.1f}% of "
-                f"{r['peak_tflops']:.1f} (matmul peak), peak memory {r['peak_memory_mb']:.0f} MB ({r['seconds']} s)")
+            say(
+                f"{name}: {r['images_per_s']:.1f} img/s, {r['tflops']:.2f} TFLOP/s = {100 * r['mfu']:.1f}% of "
+                f"{r['peak_tflops']:.1f} (matmul peak), peak memory {r['peak_memory_mb']:.0f} MB ({r['seconds']} s)"
+            )
             free_memory()
-    res["compile_speedup"] = {m: runs[f"{m}_compiled"]["images_per_s"] / runs[f"{m}_eager"]["images_per_s"]
-                              for m in ("train", "infer")}
-    res["checks"] = {"all_runs_measured": all(r["images_per_s"] > 0 and r["mfu"] > 0 for r in runs.values()),
-                     "sdpa_seen": bool(sdpa["ops"]["infer"])}
+    res["compile_speedup"] = {
+        m: runs[f"{m}_compiled"]["images_per_s"] / runs[f"{m}_eager"]["images_per_s"] for m in ("train", "infer")
+    }
+    res["checks"] = {
+        "all_runs_measured": all(r["images_per_s"] > 0 and r["mfu"] > 0 for r in runs.values()),
+        "sdpa_seen": bool(sdpa["ops"]["infer"]),
+    }
     res["summary"] = [
-        *(f"{m}: eager {runs[m + '_eager']['images_per_s']:,.0f} img/s (MFU {100 * runs[m + '_eager']['mfu']:.1f}%), "
-          f"compiled {runs[m + '_compiled']['images_per_s']:,.0f} (MFU {100 * runs[m + '_compiled']['mfu']:.1f}%) "
-          f"x{res['compile_speedup'][m]:.2f}; peak mem {runs[m + '_eager']['peak_memory_mb']:,.0f} / "
-          f"{runs[m + '_compiled']['peak_memory_mb']:,.0f} MB" for m in ("train", "infer")),
+        *(
+            f"{m}: eager {runs[m + '_eager']['images_per_s']:,.0f} img/s (MFU {100 * runs[m + '_eager']['mfu']:.1f}%), "
+            f"compiled {runs[m + '_compiled']['images_per_s']:,.0f} (MFU {100 * runs[m + '_compiled']['mfu']:.1f}%) "
+            f"x{res['compile_speedup'][m]:.2f}; peak mem {runs[m + '_eager']['peak_memory_mb']:,.0f} / "
+            f"{runs[m + '_compiled']['peak_memory_mb']:,.0f} MB"
+            for m in ("train", "infer")
+        ),
         f"{runs['train_eager']['model']} {sizes.bench_resolution}px bf16, batch {sizes.bench_batch['train']} / "
         f"{sizes.bench_batch['infer']}; matmul peak {runs['train_eager']['peak_tflops']:.1f} TFLOP/s "
-        f"({runs['train_eager']['peak_matmul']})", f"SDPA ran: {sdpa['summary']}"]
+        f"({runs['train_eager']['peak_matmul']})",
+        f"SDPA ran: {sdpa['summary']}",
+    ]
 
 
 # The ops SDPA dispatches to, by backend (forward names; their backward ops carry the same words).
-SDPA_BACKENDS = {"flash": "flash", "efficient": "efficient_attention", "cudnn": "cudnn_attention",
-                 "math": "attention_math", "overrideable": "overrideable"}
+SDPA_BACKENDS = {
+    "flash": "flash",
+    "efficient": "efficient_attention",
+    "cudnn": "cudnn_attention",
+    "math": "attention_math",
+    "overrideable": "overrideable",
+}
 
 
 def sdpa_backends(args, sizes: Sizes) -> dict:
@@ -284,22 +357,41 @@ def sdpa_backends(args, sizes: Sizes) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
         events = prof.key_averages()
-        ops[mode] = {e.key: e.count for e in events if e.key.startswith(("aten::_scaled_dot_product",
-                                                                          "aten::scaled_dot_product"))}
-        kernels[mode] = sorted({e.key[:120] for e in events if device.type == "cuda" and e.device_type.name == "CUDA"
-                                and any(w in e.key.lower() for w in ("flash", "fmha", "attention", "sdpa", "attn"))})
-    backends = {mode: sorted({b for b, word in SDPA_BACKENDS.items() for op in ops[mode] if word in op})
-                for mode in ops}
+        ops[mode] = {
+            e.key: e.count
+            for e in events
+            if e.key.startswith(("aten::_scaled_dot_product", "aten::scaled_dot_product"))
+        }
+        kernels[mode] = sorted(
+            {
+                e.key[:120]
+                for e in events
+                if device.type == "cuda"
+                and e.device_type.name == "CUDA"
+                and any(w in e.key.lower() for w in ("flash", "fmha", "attention", "sdpa", "attn"))
+            }
+        )
+    backends = {
+        mode: sorted({b for b, word in SDPA_BACKENDS.items() for op in ops[mode] if word in op}) for mode in ops
+    }
     sdpa_calls = {mode: ops[mode].get("aten::scaled_dot_product_attention", 0) for mode in ops}
-    summary = "; ".join(f"{mode} {'+'.join(backends[mode]) or 'none'} ({sdpa_calls[mode]} of {blocks} attention "
-                        f"blocks)" for mode in ops)
+    summary = "; ".join(
+        f"{mode} {'+'.join(backends[mode]) or 'none'} ({sdpa_calls[mode]} of {blocks} attention blocks)" for mode in ops
+    )
     head_dims = sorted({s.dim_embed // s.num_heads for s in model.cfg.stages})
     model = None  # frees it (`step` shares the variable, so it is emptied rather than deleted)
     free_memory()
-    return {"backends": backends, "sdpa_calls": sdpa_calls, "attention_blocks": blocks, "ops": ops,
-            "kernels": kernels, "expected": "flash" if device.type == "cuda" else None,
-            "as_expected": (all(b == ["flash"] for b in backends.values()) if device.type == "cuda" else None),
-            "head_dims": head_dims, "summary": summary}
+    return {
+        "backends": backends,
+        "sdpa_calls": sdpa_calls,
+        "attention_blocks": blocks,
+        "ops": ops,
+        "kernels": kernels,
+        "expected": "flash" if device.type == "cuda" else None,
+        "as_expected": (all(b == ["flash"] for b in backends.values()) if device.type == "cuda" else None),
+        "head_dims": head_dims,
+        "summary": summary,
+    }
 
 
 # ------------------------------------------------------------------------------------------ 2. precision
@@ -321,21 +413,34 @@ def section_precision(args, sizes: Sizes, res: Results, work: Path) -> None:
     curves, finals = {}, {}
     for name, (precision, seed) in runs.items():
         # fp32 as IEEE fp32 (trainer.tf32=false): the reference, not TF32's 10-bit mantissa (CUDA's default here)
-        cfg = train_config(args, [f"trainer.precision={precision}", f"trainer.seed={seed}", f"trainer.epochs={epochs}",
-                                  f"trainer.tf32={str(precision != 'fp32').lower()}",
-                                  f"trainer.max_steps_per_epoch={steps}", f"trainer.log_every={sizes.log_every}",
-                                  f"trainer.eval_every={epochs}"])
+        cfg = train_config(
+            args,
+            [
+                f"trainer.precision={precision}",
+                f"trainer.seed={seed}",
+                f"trainer.epochs={epochs}",
+                f"trainer.tf32={str(precision != 'fp32').lower()}",
+                f"trainer.max_steps_per_epoch={steps}",
+                f"trainer.log_every={sizes.log_every}",
+                f"trainer.eval_every={epochs}",
+            ],
+        )
         t = time.perf_counter()
         trainer = Trainer(cfg, work / name)
         trainer.fit()
         curves[name] = [{k: h[k] for k in ("step", "loss", "skipped")} for h in trainer.log_history]
-        finals[name] = {"val_top1": trainer.progress.metrics.get("top1"), "steps": trainer.progress.global_step,
-                        "skipped": sum(h["skipped"] for h in trainer.log_history),
-                        "seconds": round(time.perf_counter() - t, 1)}
+        finals[name] = {
+            "val_top1": trainer.progress.metrics.get("top1"),
+            "steps": trainer.progress.global_step,
+            "skipped": sum(h["skipped"] for h in trainer.log_history),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
         res["curves"], res["runs"] = curves, finals
         f = finals[name]
-        say(f"{name}: {f['steps']} steps, last window loss {curves[name][-1]['loss']:.4f}, {f['skipped']} skipped, "
-            f"val top-1 {f['val_top1']:.1f} ({f['seconds']} s)")
+        say(
+            f"{name}: {f['steps']} steps, last window loss {curves[name][-1]['loss']:.4f}, {f['skipped']} skipped, "
+            f"val top-1 {f['val_top1']:.1f} ({f['seconds']} s)"
+        )
 
     ref = curves["fp32"]
     last = min(5, len(ref))
@@ -344,13 +449,19 @@ def section_precision(args, sizes: Sizes, res: Results, work: Path) -> None:
     for name in ("bf16", "fp16", "fp32_seed1"):
         c = curves[name]
         same_steps = [h["step"] for h in c] == [h["step"] for h in ref]
-        compare[name] = {"same_log_steps": same_steps,
-                         "max_rel_diff": max(rel_diff(a["loss"], b["loss"]) for a, b in zip(c, ref)),
-                         "last_windows_rel_diff": rel_diff(mean_last(c), mean_last(ref))}
+        compare[name] = {
+            "same_log_steps": same_steps,
+            "max_rel_diff": max(rel_diff(a["loss"], b["loss"]) for a, b in zip(c, ref)),
+            "last_windows_rel_diff": rel_diff(mean_last(c), mean_last(ref)),
+        }
     res["vs_fp32"] = compare
-    res["tolerance"] = {"last_windows": last, "window_steps": sizes.log_every, "rel": LOSS_TOLERANCE,
-                        "rule": "mean loss over the last windows within rel of fp32's; fp32_seed1 (another seed) "
-                                "shows how far two equally good runs drift apart"}
+    res["tolerance"] = {
+        "last_windows": last,
+        "window_steps": sizes.log_every,
+        "rel": LOSS_TOLERANCE,
+        "rule": "mean loss over the last windows within rel of fp32's; fp32_seed1 (another seed) "
+        "shows how far two equally good runs drift apart",
+    }
     total = epochs * steps
     fp16_allowed = max(5, total // 20)  # GradScaler starts at 2^16 and halves on each overflow: a few early skips
     res["checks"] = {
@@ -362,12 +473,16 @@ def section_precision(args, sizes: Sizes, res: Results, work: Path) -> None:
         f"fp16_skipped_at_most_{fp16_allowed}": finals["fp16"]["skipped"] <= fp16_allowed,
     }
     res["summary"] = [
-        f"{total} steps each; loss vs fp32, last {last} windows of {sizes.log_every}: " + ", ".join(
-            f"{n} {100 * compare[n]['last_windows_rel_diff']:.1f}%" for n in compare) + f" (tolerance "
-        f"{100 * LOSS_TOLERANCE:.0f}%); largest per window: " + ", ".join(
-            f"{n} {100 * compare[n]['max_rel_diff']:.1f}%" for n in compare),
-        "skipped steps: " + ", ".join(f"{n} {finals[n]['skipped']}" for n in runs) + "; val top-1: " + ", ".join(
-            f"{n} {finals[n]['val_top1']:.1f}" for n in runs)]
+        f"{total} steps each; loss vs fp32, last {last} windows of {sizes.log_every}: "
+        + ", ".join(f"{n} {100 * compare[n]['last_windows_rel_diff']:.1f}%" for n in compare)
+        + f" (tolerance "
+        f"{100 * LOSS_TOLERANCE:.0f}%); largest per window: "
+        + ", ".join(f"{n} {100 * compare[n]['max_rel_diff']:.1f}%" for n in compare),
+        "skipped steps: "
+        + ", ".join(f"{n} {finals[n]['skipped']}" for n in runs)
+        + "; val top-1: "
+        + ", ".join(f"{n} {finals[n]['val_top1']:.1f}" for n in runs),
+    ]
 
 
 # --------------------------------------------------------------------------------------------- 3. resume
@@ -382,8 +497,14 @@ def section_resume(args, sizes: Sizes, res: Results, work: Path) -> None:
 
     s = sizes.resume_steps_per_epoch
     kill_at = s + s // 2
-    overrides = ["experiment=quickstart", "trainer.ema.enabled=true", "trainer.epochs=2",
-                 f"trainer.max_steps_per_epoch={s}", f"trainer.device={args.device}", "trainer.progress=false"]
+    overrides = [
+        "experiment=quickstart",
+        "trainer.ema.enabled=true",
+        "trainer.epochs=2",
+        f"trainer.max_steps_per_epoch={s}",
+        f"trainer.device={args.device}",
+        "trainer.progress=false",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("CVT_FAULT_INJECT", None)
     if args.device == "cpu":
@@ -391,10 +512,20 @@ def section_resume(args, sizes: Sizes, res: Results, work: Path) -> None:
 
     def start(name: str, extra: list[str], fault: str | None = None) -> subprocess.Popen:
         log = open(work / f"{name}.out", "w")  # a file, not a pipe: nothing to drain
-        return subprocess.Popen([sys.executable, "-m", "cvt_train.train", *overrides, *extra,
-                                 f"hydra.run.dir={work / ('ref' if name == 'ref' else 'run')}"],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**env, **({"CVT_FAULT_INJECT": fault} if fault else {})})
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cvt_train.train",
+                *overrides,
+                *extra,
+                f"hydra.run.dir={work / ('ref' if name == 'ref' else 'run')}",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**env, **({"CVT_FAULT_INJECT": fault} if fault else {})},
+        )
 
     def tail(name: str) -> list[str]:
         return (work / f"{name}.out").read_text(errors="replace").splitlines()[-15:]
@@ -404,8 +535,10 @@ def section_resume(args, sizes: Sizes, res: Results, work: Path) -> None:
     codes = {"killed": killed.wait()}
     at_kill = load_training_checkpoint(work / "run" / "last.pt") if (work / "run" / "last.pt").is_file() else {}
     res["at_kill"] = {k: at_kill.get(k) for k in ("epoch", "step", "global_step")}
-    say(f"killed run: exit {codes['killed']}, last.pt at epoch {at_kill.get('epoch')} global step "
-        f"{at_kill.get('global_step')} (kill at step {kill_at})")
+    say(
+        f"killed run: exit {codes['killed']}, last.pt at epoch {at_kill.get('epoch')} global step "
+        f"{at_kill.get('global_step')} (kill at step {kill_at})"
+    )
     codes["resumed"] = start("resumed", ["trainer.resume=auto"]).wait()
     codes["uninterrupted"] = ref.wait()
     res["exit_codes"] = codes
@@ -422,15 +555,30 @@ def section_resume(args, sizes: Sizes, res: Results, work: Path) -> None:
 
     run, ref_run = final("run"), final("ref")
     keys = ("top1", "top5", "loss", "ema_top1", "best_top1", "epoch")
-    res["resumed"] = {"epoch": run["ckpt"].get("epoch"), "global_step": run["ckpt"].get("global_step"),
-                      **{k: run["metrics"].get(k) for k in keys}}
-    res["uninterrupted"] = {"epoch": ref_run["ckpt"].get("epoch"), "global_step": ref_run["ckpt"].get("global_step"),
-                            **{k: ref_run["metrics"].get(k) for k in keys}}
-    same_weights = bool(run["ckpt"]) and bool(ref_run["ckpt"]) and all(
-        torch.equal(a, b) for part in ("model", "ema") for a, b in
-        zip(run["ckpt"][part].values(), ref_run["ckpt"][part].values()))
-    top1_diff = (abs(run["metrics"]["top1"] - ref_run["metrics"]["top1"])
-                 if "top1" in run["metrics"] and "top1" in ref_run["metrics"] else math.inf)
+    res["resumed"] = {
+        "epoch": run["ckpt"].get("epoch"),
+        "global_step": run["ckpt"].get("global_step"),
+        **{k: run["metrics"].get(k) for k in keys},
+    }
+    res["uninterrupted"] = {
+        "epoch": ref_run["ckpt"].get("epoch"),
+        "global_step": ref_run["ckpt"].get("global_step"),
+        **{k: ref_run["metrics"].get(k) for k in keys},
+    }
+    same_weights = (
+        bool(run["ckpt"])
+        and bool(ref_run["ckpt"])
+        and all(
+            torch.equal(a, b)
+            for part in ("model", "ema")
+            for a, b in zip(run["ckpt"][part].values(), ref_run["ckpt"][part].values())
+        )
+    )
+    top1_diff = (
+        abs(run["metrics"]["top1"] - ref_run["metrics"]["top1"])
+        if "top1" in run["metrics"] and "top1" in ref_run["metrics"]
+        else math.inf
+    )
     res["weights_identical"], res["top1_diff"] = same_weights, top1_diff
     checks = {
         "killed_by_sigkill": codes["killed"] == -signal.SIGKILL,
@@ -444,7 +592,8 @@ def section_resume(args, sizes: Sizes, res: Results, work: Path) -> None:
     }
     if args.device == "cpu":
         checks["bit_exact_on_cpu"] = same_weights and all(
-            run["metrics"].get(k) == ref_run["metrics"].get(k) for k in keys)
+            run["metrics"].get(k) == ref_run["metrics"].get(k) for k in keys
+        )
     else:
         checks["top1_within_5_points"] = top1_diff <= 5.0
     res["checks"] = checks
@@ -454,7 +603,8 @@ def section_resume(args, sizes: Sizes, res: Results, work: Path) -> None:
         f"exits: killed {codes['killed']} (at step {kill_at}), resumed {codes['resumed']}, uninterrupted "
         f"{codes['uninterrupted']}; last.pt epoch {r['epoch']}/2, step {r['global_step']} vs {u['global_step']}",
         f"top-1 resumed {fmt(r['top1'])} vs uninterrupted {fmt(u['top1'])} (EMA {fmt(r['ema_top1'])} vs "
-        f"{fmt(u['ema_top1'])}); weights identical: {same_weights}"]
+        f"{fmt(u['ema_top1'])}); weights identical: {same_weights}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- 4. syncs
@@ -476,8 +626,16 @@ def section_syncs(args, sizes: Sizes, res: Results, work: Path) -> None:
         counts = {}
         for steps in (a, b):
             name = f"ema_{'on' if ema else 'off'}_{steps}_steps"
-            cfg = train_config(args, ["trainer.precision=bf16", "trainer.epochs=1", f"trainer.log_every={10 * b}",
-                                      f"trainer.max_steps_per_epoch={steps}", f"trainer.ema.enabled={str(ema).lower()}"])
+            cfg = train_config(
+                args,
+                [
+                    "trainer.precision=bf16",
+                    "trainer.epochs=1",
+                    f"trainer.log_every={10 * b}",
+                    f"trainer.max_steps_per_epoch={steps}",
+                    f"trainer.ema.enabled={str(ema).lower()}",
+                ],
+            )
             trainer = Trainer(cfg, work / name)
             with warnings.catch_warnings(record=True) as caught, HostReads(trace=True) as reads:
                 warnings.simplefilter("always")
@@ -489,10 +647,13 @@ def section_syncs(args, sizes: Sizes, res: Results, work: Path) -> None:
                     if cuda:
                         torch.cuda.set_sync_debug_mode("default")
             syncs = [w for w in caught if "synchroniz" in str(w.message)]
-            counts[steps] = {"host_reads": reads.count, "where": collections.Counter(reads.where),
-                             "cuda_sync_warnings": len(syncs) if cuda else None,
-                             "sync_where": collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs),
-                             "global_step": trainer.progress.global_step}
+            counts[steps] = {
+                "host_reads": reads.count,
+                "where": collections.Counter(reads.where),
+                "cuda_sync_warnings": len(syncs) if cuda else None,
+                "sync_where": collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs),
+                "global_step": trainer.progress.global_step,
+            }
             runs[name] = {k: v for k, v in counts[steps].items() if k not in ("where", "sync_where")}
             res["runs"] = runs
             say(f"{name}: {reads.count} host reads" + (f", {len(syncs)} CUDA sync warnings" if cuda else ""))
@@ -500,8 +661,9 @@ def section_syncs(args, sizes: Sizes, res: Results, work: Path) -> None:
         key = f"ema_{'on' if ema else 'off'}"
         per_step[key] = {
             "host_reads": (counts[b]["host_reads"] - counts[a]["host_reads"]) / steps_done,
-            "cuda_sync_warnings": ((counts[b]["cuda_sync_warnings"] - counts[a]["cuda_sync_warnings"]) / steps_done
-                                   if cuda else None),
+            "cuda_sync_warnings": (
+                (counts[b]["cuda_sync_warnings"] - counts[a]["cuda_sync_warnings"]) / steps_done if cuda else None
+            ),
             "growing_reads": dict((counts[b]["where"] - counts[a]["where"]).most_common(8)),
             "growing_sync_warnings": dict((counts[b]["sync_where"] - counts[a]["sync_where"]).most_common(8)),
         }
@@ -511,10 +673,14 @@ def section_syncs(args, sizes: Sizes, res: Results, work: Path) -> None:
     if cuda:
         checks.update({f"{k}_no_cuda_sync_per_step": v["cuda_sync_warnings"] == 0 for k, v in per_step.items()})
     res["checks"] = checks
-    res["summary"] = [", ".join(
-        f"EMA {k.removeprefix('ema_')}: {v['host_reads']:g} host reads/step"
-        + (f", {v['cuda_sync_warnings']:g} CUDA syncs/step" if cuda else "") for k, v in per_step.items())
-        + f" (runs of {a} and {b} steps)"]
+    res["summary"] = [
+        ", ".join(
+            f"EMA {k.removeprefix('ema_')}: {v['host_reads']:g} host reads/step"
+            + (f", {v['cuda_sync_warnings']:g} CUDA syncs/step" if cuda else "")
+            for k, v in per_step.items()
+        )
+        + f" (runs of {a} and {b} steps)"
+    ]
     for k, v in per_step.items():
         if v["growing_reads"]:
             res["summary"].append(f"EMA {k.removeprefix('ema_')} reads from: {', '.join(v['growing_reads'])}")
@@ -535,9 +701,19 @@ def section_cifar_speed(args, sizes: Sizes, res: Results, work: Path) -> None:
     device = torch.device(args.device)
     models = {}
     for name, overrides in sizes.cifar_models.items():
-        cfg = compose("bench", [f"model={name}", *overrides, f"device={args.device}", "trainer.precision=bf16",
-                                "bench.mode=train", "bench.resolution=32", f"bench.batch_size={sizes.cifar_batch}",
-                                "bench.compile=false"])
+        cfg = compose(
+            "bench",
+            [
+                f"model={name}",
+                *overrides,
+                f"device={args.device}",
+                "trainer.precision=bf16",
+                "bench.mode=train",
+                "bench.resolution=32",
+                f"bench.batch_size={sizes.cifar_batch}",
+                "bench.compile=false",
+            ],
+        )
 
         def runner(label: str, compiled: bool, cfg=cfg) -> Runner:  # (called within this iteration)
             torch.manual_seed(cfg.seed)
@@ -554,28 +730,40 @@ def section_cifar_speed(args, sizes: Sizes, res: Results, work: Path) -> None:
         eager.warmup(sizes.cifar_warmup)
         compiled.warmup(sizes.cifar_warmup)  # compiles, then records the CUDA graphs
         for i in range(sizes.cifar_steps):
-            for r in ((eager, compiled) if i % 2 == 0 else (compiled, eager)):
+            for r in (eager, compiled) if i % 2 == 0 else (compiled, eager):
                 r.timed_step()
         e, c = eager.stats(), compiled.stats()
-        models[name] = {"eager": {**e, "peak_memory_mb": eager.peak_mem_mb},
-                        "compiled": {**c, "peak_memory_mb": compiled.peak_mem_mb},
-                        "speedup": c["images_per_s"] / e["images_per_s"],
-                        "compile_mode": "reduce-overhead" if args.backend == "inductor" else f"backend={args.backend}",
-                        "cudagraph_skips": cudagraph_skips() - skips_before,
-                        "params": sum(p.numel() for p in eager.model.parameters()), "overrides": list(overrides),
-                        "batch_size": sizes.cifar_batch, "steps": sizes.cifar_steps,
-                        "seconds": round(time.perf_counter() - t, 1)}
+        models[name] = {
+            "eager": {**e, "peak_memory_mb": eager.peak_mem_mb},
+            "compiled": {**c, "peak_memory_mb": compiled.peak_mem_mb},
+            "speedup": c["images_per_s"] / e["images_per_s"],
+            "compile_mode": "reduce-overhead" if args.backend == "inductor" else f"backend={args.backend}",
+            "cudagraph_skips": cudagraph_skips() - skips_before,
+            "params": sum(p.numel() for p in eager.model.parameters()),
+            "overrides": list(overrides),
+            "batch_size": sizes.cifar_batch,
+            "steps": sizes.cifar_steps,
+            "seconds": round(time.perf_counter() - t, 1),
+        }
         res["models"] = models
-        say(f"{name}: eager {e['images_per_s']:.0f} img/s, compiled {c['images_per_s']:.0f} "
+        say(
+            f"{name}: eager {e['images_per_s']:.0f} img/s, compiled {c['images_per_s']:.0f} "
             f"(x{models[name]['speedup']:.2f}; {models[name]['cudagraph_skips']} cudagraph skips, "
-            f"{models[name]['seconds']} s)")
+            f"{models[name]['seconds']} s)"
+        )
         del eager, compiled
         free_memory()
-    res["checks"] = {"all_measured": all(m["eager"]["images_per_s"] > 0 and m["compiled"]["images_per_s"] > 0
-                                         for m in models.values())}
-    res["summary"] = [f"{n}: eager {m['eager']['images_per_s']:,.0f} img/s, {m['compile_mode']} "
-                      f"{m['compiled']['images_per_s']:,.0f} (x{m['speedup']:.2f}, cudagraph skips "
-                      f"{m['cudagraph_skips']}), batch {m['batch_size']}" for n, m in models.items()]
+    res["checks"] = {
+        "all_measured": all(
+            m["eager"]["images_per_s"] > 0 and m["compiled"]["images_per_s"] > 0 for m in models.values()
+        )
+    }
+    res["summary"] = [
+        f"{n}: eager {m['eager']['images_per_s']:,.0f} img/s, {m['compile_mode']} "
+        f"{m['compiled']['images_per_s']:,.0f} (x{m['speedup']:.2f}, cudagraph skips "
+        f"{m['cudagraph_skips']}), batch {m['batch_size']}"
+        for n, m in models.items()
+    ]
 
 
 def reduce_overhead(model, backend: str):
@@ -583,8 +771,9 @@ def reduce_overhead(model, backend: str):
     graph memory, overwritten by the next replay) are dead by then. Other backends (CPU --quick) take no mode."""
     import torch
 
-    compiled = (torch.compile(model, mode="reduce-overhead") if backend == "inductor"
-                else torch.compile(model, backend=backend))
+    compiled = (
+        torch.compile(model, mode="reduce-overhead") if backend == "inductor" else torch.compile(model, backend=backend)
+    )
 
     def step(x):
         torch.compiler.cudagraph_mark_step_begin()
@@ -593,8 +782,13 @@ def reduce_overhead(model, backend: str):
     return step
 
 
-SECTION_FUNCS = {"bench": section_bench, "precision": section_precision, "resume": section_resume,
-                 "syncs": section_syncs, "cifar_speed": section_cifar_speed}
+SECTION_FUNCS = {
+    "bench": section_bench,
+    "precision": section_precision,
+    "resume": section_resume,
+    "syncs": section_syncs,
+    "cifar_speed": section_cifar_speed,
+}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -618,8 +812,16 @@ def stream(cmd: list[str], timeout: float, prefix: str, env: dict) -> tuple[int 
     """Run cmd (in a process group of its own), echo its output with a prefix, keep its last lines; kill the
     group at the timeout. Returns (exit code or None on timeout, last lines)."""
     tail = collections.deque(maxlen=30)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=env,
+        start_new_session=True,
+    )
 
     def pump() -> None:
         for line in proc.stdout:
@@ -641,15 +843,24 @@ def stream(cmd: list[str], timeout: float, prefix: str, env: dict) -> tuple[int 
 def machine_info(device: str, threads: int) -> dict:
     import torch
 
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": device,
-            "cuda": torch.version.cuda, "host": platform.node()}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     else:
         info["cpu_threads"] = threads
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or None
+        info["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         info["commit"] = None
     return info
@@ -668,14 +879,23 @@ def drive(args) -> int:
         caps[name] = float(seconds)
     # A subset updates an existing report; a full run starts a new one.
     report = json.loads(out.read_text()) if args.sections and out.is_file() else {}
-    report["meta"] = {**machine_info(args.device, args.threads), "quick": args.quick, "compile_backend": args.backend,
-                      "budget_s": args.budget, "caps_s": caps, "command": " ".join(sys.argv),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report["meta"] = {
+        **machine_info(args.device, args.threads),
+        "quick": args.quick,
+        "compile_backend": args.backend,
+        "budget_s": args.budget,
+        "caps_s": caps,
+        "command": " ".join(sys.argv),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     report.setdefault("sections", {})
     write_json(out, report)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check_"))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     start = time.perf_counter()
     for name in sections:
         left = args.budget - (time.perf_counter() - start)
@@ -686,18 +906,46 @@ def drive(args) -> int:
             continue
         part = work / f"{name}.json"
         part.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--part", str(part),
-               "--device", args.device, "--backend", args.backend, "--threads", str(args.threads),
-               "--workdir", str(work), *(["--quick"] if args.quick else [])]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--section",
+            name,
+            "--part",
+            str(part),
+            "--device",
+            args.device,
+            "--backend",
+            args.backend,
+            "--threads",
+            str(args.threads),
+            "--workdir",
+            str(work),
+            *(["--quick"] if args.quick else []),
+        ]
         say(f"== {name} (cap {timeout:.0f} s)")
         t = time.perf_counter()
         code, tail = stream(cmd, timeout, name, env)
         entry = json.loads(part.read_text()) if part.is_file() else {}
         failed = [k for k, ok in entry.get("checks", {}).items() if not ok]
-        status = ("timeout" if code is None else "error" if code != 0 else "failed" if failed
-                  else "ok" if "checks" in entry else "error")
-        entry = {"status": status, "seconds": round(time.perf_counter() - t, 1), "cap_s": round(timeout),
-                 "returncode": code, **entry}
+        status = (
+            "timeout"
+            if code is None
+            else "error"
+            if code != 0
+            else "failed"
+            if failed
+            else "ok"
+            if "checks" in entry
+            else "error"
+        )
+        entry = {
+            "status": status,
+            "seconds": round(time.perf_counter() - t, 1),
+            "cap_s": round(timeout),
+            "returncode": code,
+            **entry,
+        }
         if failed:
             entry["failed_checks"] = failed
         if status in ("timeout", "error"):
@@ -716,8 +964,10 @@ def table(report: dict, out: Path) -> str:
     m = report["meta"]
     threads = m.get("cpu_threads")
     where = m.get("gpu") or f"CPU ({threads} thread{'s' if threads != 1 else ''} per process)"
-    lines = [f"gpu_check  {where}  torch {m['torch']}  quick={m['quick']}  total {m.get('total_s', 0):.0f} s  "
-             f"-> {out}", f"{'section':<12}{'status':<9}{'time':>6}  figures"]
+    lines = [
+        f"gpu_check  {where}  torch {m['torch']}  quick={m['quick']}  total {m.get('total_s', 0):.0f} s  -> {out}",
+        f"{'section':<12}{'status':<9}{'time':>6}  figures",
+    ]
     for name in SECTIONS:
         e = report["sections"].get(name)
         if e is None:
@@ -734,19 +984,25 @@ def table(report: dict, out: Path) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="gpu_check.json", help="the JSON report (default gpu_check.json)")
     p.add_argument("--device", default=None, help="cuda (default where there is one) or cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a handful of steps (CPU: tiny models)")
     p.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}; updates an existing --out")
     p.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for the whole run (default {BUDGET_S})")
     p.add_argument("--cap", action="append", metavar="SECTION=SECONDS", help="override a section's time cap")
-    p.add_argument("--backend", default=None,
-                   help="torch.compile backend (default inductor; aot_eager on CPU with --quick)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads per process on --device cpu (default 1: with another busy process on a 2-core "
-                        "machine, 2-thread steps run 5-10x slower)")
+    p.add_argument(
+        "--backend", default=None, help="torch.compile backend (default inductor; aot_eager on CPU with --quick)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per process on --device cpu (default 1: with another busy process on a 2-core "
+        "machine, 2-thread steps run 5-10x slower)",
+    )
     p.add_argument("--workdir", help="where sections write their runs (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # child process: run one section

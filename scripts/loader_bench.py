@@ -43,10 +43,12 @@ def main() -> None:
             if len(times) == a.warmup + a.batches:
                 break
         epoch += 1
-    timed = times[a.warmup:]
+    timed = times[a.warmup :]
     per_batch = statistics.median(timed)
-    print(f"{len(timed)} batches of {data.batch_size} ({data.num_workers} workers, aug={data.aug.name}): "
-          f"{data.batch_size / per_batch:,.0f} images/s (median), {images / sum(timed):,.0f} images/s (mean)")
+    print(
+        f"{len(timed)} batches of {data.batch_size} ({data.num_workers} workers, aug={data.aug.name}): "
+        f"{data.batch_size / per_batch:,.0f} images/s (median), {images / sum(timed):,.0f} images/s (mean)"
+    )
     data.close()
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Turn a Hydra multirun dir into summary.md / summary.csv (and summary.png when matplotlib is installed).
 
-    python scripts/summarize_sweep.py multirun/2026-11-24/12-00-00 [--plot-x model.stages.0.patch_stride]
+python scripts/summarize_sweep.py multirun/2026-11-24/12-00-00 [--plot-x model.stages.0.patch_stride]
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def main() -> int:
         print(f"error: {args.sweep_dir}: no such sweep dir", file=sys.stderr)
         return 2
     if not collect_jobs(args.sweep_dir):  # checked first, so that no summary lands in a dir that is no sweep
-        print(f"error: {args.sweep_dir}: no job dirs with .hydra/overrides.yaml found; point to a multirun dir",
-              file=sys.stderr)
+        print(
+            f"error: {args.sweep_dir}: no job dirs with .hydra/overrides.yaml found; point to a multirun dir",
+            file=sys.stderr,
+        )
         return 2
     md, md_path, csv_path = summarize(args.sweep_dir)
     print(md)

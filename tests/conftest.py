@@ -10,8 +10,16 @@ from torch import nn
 import cvt_train
 
 # CvT-13's geometry (strides 4/2/2, so 32x32 inputs still work: maps 8, 4, 2) with small widths and depths.
-TINY = {"num_classes": 10, "stages.0.dim_embed": 16, "stages.1.dim_embed": 32, "stages.2.dim_embed": 48,
-        "stages.1.num_heads": 2, "stages.2.num_heads": 3, "stages.1.depth": 1, "stages.2.depth": 2}
+TINY = {
+    "num_classes": 10,
+    "stages.0.dim_embed": 16,
+    "stages.1.dim_embed": 32,
+    "stages.2.dim_embed": 48,
+    "stages.1.num_heads": 2,
+    "stages.2.num_heads": 3,
+    "stages.1.depth": 1,
+    "stages.2.depth": 2,
+}
 
 
 def tiny_model(**overrides) -> cvt_train.CvT:

@@ -42,7 +42,9 @@ def write_cifar10_python(root: Path, n_train: int = 500, n_test: int = 200, seed
     return Path(root)
 
 
-def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 10, size: int = 32, seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path, splits: dict[str, int], num_classes: int = 10, size: int = 32, seed: int = 0
+) -> Path:
     """ROOT/<split>/<class>/<n>.png for each split, e.g. splits={"train": 300, "test": 100}."""
     for j, (split, n) in enumerate(splits.items()):
         images, labels = make_images(n, num_classes, size, seed=seed + j)

@@ -35,6 +35,7 @@ def probe(overrides: list[str], run_dir: Path) -> dict:
         def counted(*args, **kwargs):
             calls["n"] += 1
             return real[name](*args, **kwargs)
+
         return counted
 
     for name in COLLECTIVES:  # the trainer's own collectives (DDP's gradient all-reduce runs in C++: not counted)
@@ -46,8 +47,12 @@ def probe(overrides: list[str], run_dir: Path) -> dict:
     finally:
         for name, fn in real.items():
             setattr(tdist, name, fn)
-    return {"reads": reads.count, "where": reads.where, "collectives": calls["n"],
-            "global_step": trainer.progress.global_step}
+    return {
+        "reads": reads.count,
+        "where": reads.where,
+        "collectives": calls["n"],
+        "global_step": trainer.progress.global_step,
+    }
 
 
 def main() -> None:

@@ -12,14 +12,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # CvT-13's geometry with small widths; depth 3 in the last stage because HF's CvT needs depth > stage index.
-TINY = ["model.stages.0.dim_embed=16", "model.stages.1.dim_embed=32", "model.stages.2.dim_embed=48",
-        "model.stages.1.num_heads=2", "model.stages.2.num_heads=3", "model.stages.2.depth=3", "model.num_classes=10"]
+TINY = [
+    "model.stages.0.dim_embed=16",
+    "model.stages.1.dim_embed=32",
+    "model.stages.2.dim_embed=48",
+    "model.stages.1.num_heads=2",
+    "model.stages.2.num_heads=3",
+    "model.stages.2.depth=3",
+    "model.num_classes=10",
+]
 FAST = ["bench.resolution=32", "bench.batch_size=4", "bench.steps=2", "bench.warmup=1", "bench.peak_size=256"]
 
 
 def cvt_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cvt_train.bench", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "cvt_train.bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +48,20 @@ def test_bench_json_against_hf(sweep, job, mode):
     proc, out = sweep
     res = json.loads((out / str(job) / "bench.json").read_text())
     assert res["mode"] == mode and res["compare"] == "hf" and res["act"] == "gelu"
-    for key in ("images_per_s", "hf_images_per_s", "gmacs", "params", "tflops", "hf_tflops", "peak_tflops",
-                "peak_fraction", "peak_memory_mb", "images_per_s_p25", "images_per_s_p75", "step_ms_median"):
+    for key in (
+        "images_per_s",
+        "hf_images_per_s",
+        "gmacs",
+        "params",
+        "tflops",
+        "hf_tflops",
+        "peak_tflops",
+        "peak_fraction",
+        "peak_memory_mb",
+        "images_per_s_p25",
+        "images_per_s_p75",
+        "step_ms_median",
+    ):
         assert res[key] > 0, key
     assert res["images_per_s_min"] <= res["images_per_s"] <= res["images_per_s_max"]
     assert res["ratio_vs_hf"] == pytest.approx(res["images_per_s"] / res["hf_images_per_s"])
@@ -67,7 +92,9 @@ def test_bench_without_compare_fp32(tmp_path):
 def test_bench_bad_input_is_one_line(tmp_path):
     proc = cvt_bench(*TINY, "bench.mode=fly", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == ["error: bench.mode='fly': unknown mode; choose one of train, infer (e.g. bench.mode=train)"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: bench.mode='fly': unknown mode; choose one of train, infer (e.g. bench.mode=train)"
+    ]
 
 
 def test_bench_compare_without_transformers(tmp_path):
@@ -77,20 +104,24 @@ def test_bench_compare_without_transformers(tmp_path):
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")]))}
     proc = cvt_bench(*TINY, "bench.compare=hf", f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == ["error: bench.compare=hf needs HF transformers: pip install transformers"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: bench.compare=hf needs HF transformers: pip install 'cvt-train[hf]'"
+    ]
 
 
 def test_bench_compare_eager_needs_compile(tmp_path):
     proc = cvt_bench(*TINY, "bench.compare=eager", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
-        "error: bench.compare=eager compares the compiled model with the eager one: add bench.compile=true"]
+        "error: bench.compare=eager compares the compiled model with the eager one: add bench.compile=true"
+    ]
 
 
 @pytest.mark.slow  # compiles the tiny model's forward: 15-35 s cold on 2 CPU cores
 def test_bench_compiled_against_eager(tmp_path):
-    proc = cvt_bench(*TINY, *FAST, "bench.mode=infer", "bench.compile=true", "bench.compare=eager",
-                     f"hydra.run.dir={tmp_path}")
+    proc = cvt_bench(
+        *TINY, *FAST, "bench.mode=infer", "bench.compile=true", "bench.compare=eager", f"hydra.run.dir={tmp_path}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["compile"] is True and res["compare"] == "eager" and res["act"] == "quick_gelu"

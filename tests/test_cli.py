@@ -14,17 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from cvt_train.engine import distributed
-from cvt_train.engine import trainer as trainer_module
 from conftest import compose_train
 from fakedata import write_cifar10_python
 
+from cvt_train.engine import distributed
+from cvt_train.engine import trainer as trainer_module
+
 # trainer.device=cpu: bit-exact comparisons (resume, ranks, eval) hold on CPU; on CUDA, cuDNN's algorithm choice
 # and atomic adds change the last bits (README, Reproducibility)
-BASE = ["trainer.device=cpu",
-        "model=cvt_cifar_tiny", "data=cifar10", "trainer.progress=false", "trainer.precision=fp32",
-        "data.batch_size=50", "optim.lr=2e-3", "sched.warmup_epochs=0", "trainer.epochs=2", "data.num_workers=0"]
+BASE = [
+    "trainer.device=cpu",
+    "model=cvt_cifar_tiny",
+    "data=cifar10",
+    "trainer.progress=false",
+    "trainer.precision=fp32",
+    "data.batch_size=50",
+    "optim.lr=2e-3",
+    "sched.warmup_epochs=0",
+    "trainer.epochs=2",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +43,33 @@ def cifar(tmp_path_factory) -> Path:
 
 def cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CVT_DEBUG")}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
-@pytest.mark.parametrize("module, args, expected", [
-    ("cvt_train.train", ["trainer.epoch=3"], "trainer.epoch: unknown key; known keys: accum_steps, channels_last,"),
-    ("cvt_train.train", ["data=cifar11"], "data=cifar11: no such option; choose one of cifar10, cifar100, digits"),
-    ("cvt_train.train", ["-m", "model=cvt13,cvt99"], "model=cvt99: no such option; choose one of cvt13,"),  # a later value
-    ("cvt_train.train", ["-m", "trainer.epochs=1,abc"], "trainer.epochs='abc': expected an integer >= 1"),  # a later value
-    ("cvt_train.train", ["model.stages.0.dim=8"], "model.stages.0.dim: unknown key; known keys: attn_drop_rate,"),
-    ("cvt_train.train", ["model=3"], "model=3: Config group override must be a string or a list"),
-    ("cvt_train.train", ["trainer.epochs=[1"], "trainer.epochs=[1: no viable alternative at input '[1'"),
-    ("cvt_train.eval", ["ckpt=x.pt", "eval.splitt=val"], "eval.splitt: unknown key; known keys: batch_size, ema,"),
-    ("cvt_train.bench", ["bench.stepz=3"], "bench.stepz: unknown key; known keys: batch_size, channels_last,"),
-])
+@pytest.mark.parametrize(
+    "module, args, expected",
+    [
+        ("cvt_train.train", ["trainer.epoch=3"], "trainer.epoch: unknown key; known keys: accum_steps, channels_last,"),
+        ("cvt_train.train", ["data=cifar11"], "data=cifar11: no such option; choose one of cifar10, cifar100, digits"),
+        (
+            "cvt_train.train",
+            ["-m", "model=cvt13,cvt99"],
+            "model=cvt99: no such option; choose one of cvt13,",
+        ),  # a later value
+        (
+            "cvt_train.train",
+            ["-m", "trainer.epochs=1,abc"],
+            "trainer.epochs='abc': expected an integer >= 1",
+        ),  # a later value
+        ("cvt_train.train", ["model.stages.0.dim=8"], "model.stages.0.dim: unknown key; known keys: attn_drop_rate,"),
+        ("cvt_train.train", ["model=3"], "model=3: Config group override must be a string or a list"),
+        ("cvt_train.train", ["trainer.epochs=[1"], "trainer.epochs=[1: no viable alternative at input '[1'"),
+        ("cvt_train.eval", ["ckpt=x.pt", "eval.splitt=val"], "eval.splitt: unknown key; known keys: batch_size, ema,"),
+        ("cvt_train.bench", ["bench.stepz=3"], "bench.stepz: unknown key; known keys: batch_size, channels_last,"),
+    ],
+)
 def test_bad_override_is_one_line_before_anything_runs(module, args, expected, tmp_path):
     result = cli(module, args, tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -62,9 +83,10 @@ def test_run_dir_that_cannot_be_written_is_named(tmp_path):
     blocker.write_text("")
     result = cli("cvt_train.train", ["experiment=quickstart", f"hydra.run.dir={blocker}/run"], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: hydra.run.dir={blocker}/run: {blocker} is a file, not a folder; set "
-                                     "hydra.run.dir to a folder you can write")
-
+    assert result.stderr.strip() == (
+        f"error: hydra.run.dir={blocker}/run: {blocker} is a file, not a folder; set "
+        "hydra.run.dir to a folder you can write"
+    )
 
 
 def signal_after_step(monkeypatch, signum: int) -> None:
@@ -109,6 +131,7 @@ def test_run_dir_holds_the_resolved_config(cifar, tmp_path):
 
 def test_submitit_tasks_become_torchrun_ranks(monkeypatch):
     """A submitit job of several tasks: torchrun's variables come from submitit's helper, GPUs left visible."""
+
     class FakeEnvironment:  # what submitit derives from SLURM's variables
         master_addr, master_port, rank, world_size, local_rank = "node17", 29517, 9, 16, 1
 
@@ -126,12 +149,18 @@ def test_submitit_tasks_become_torchrun_ranks(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "16")
     assert distributed.export_submitit_env()
     assert [os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")] == [
-        "node17", "29511", "9", "16", "1"]
+        "node17",
+        "29511",
+        "9",
+        "16",
+        "1",
+    ]
     assert not distributed.export_submitit_env()  # RANK is set now (as under torchrun): left alone
 
 
-@pytest.mark.parametrize("module, app", [("cvt_train.train", "cvt-train"), ("cvt_train.eval", "cvt-eval"),
-                                         ("cvt_train.bench", "cvt-bench")])
+@pytest.mark.parametrize(
+    "module, app", [("cvt_train.train", "cvt-train"), ("cvt_train.eval", "cvt-eval"), ("cvt_train.bench", "cvt-bench")]
+)
 def test_help_names_the_app_and_lists_the_groups(module, app, tmp_path):
     result = cli(module, ["--help"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -149,12 +178,18 @@ def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("args", [
-    ["-m", "optim.lr=interval(1e-4,3e-3)"],  # a sweeper plugin's search space: only Hydra can list it
-    ["-m", "optim.lr=glob(*)"], ["+trainer.new_key=1"], ["-m", "trainer.seed=range(0,3)"],  # (~aug.hflip: the schema
-    # keeps every key, so deleting one is refused now, in one line)
-    ["optim.betas=[0.9,0.99]", "data.root=/tmp/with space"], ["--cfg", "job", "trainer.nope=1"],  # flags: Hydra's
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "optim.lr=interval(1e-4,3e-3)"],  # a sweeper plugin's search space: only Hydra can list it
+        ["-m", "optim.lr=glob(*)"],
+        ["+trainer.new_key=1"],
+        ["-m", "trainer.seed=range(0,3)"],  # (~aug.hflip: the schema
+        # keeps every key, so deleting one is refused now, in one line)
+        ["optim.betas=[0.9,0.99]", "data.root=/tmp/with space"],
+        ["--cfg", "job", "trainer.nope=1"],  # flags: Hydra's
+    ],
+)
 def test_valid_or_hydra_only_overrides_pass_the_early_check(args, monkeypatch):
     from cvt_train import cli as cli_module
 
@@ -186,10 +221,24 @@ def test_stop_signal_ends_the_whole_sweep(cifar, tmp_path):
     sweep = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CVT_DEBUG")}
     out = open(tmp_path / "out.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cvt_train.train", "-m", *BASE, f"data.root={cifar}",
-                             "trainer.epochs=20", "trainer.seed=0,1", f"hydra.sweep.dir={sweep}"],
-                            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cvt_train.train",
+            "-m",
+            *BASE,
+            f"data.root={cifar}",
+            "trainer.epochs=20",
+            "trainer.seed=0,1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     log = sweep / "0" / "train.log"
     deadline = time.monotonic() + 120
     while not (log.is_file() and "model cvt_cifar_tiny" in log.read_text()):  # logged just before training

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_train
+from fakedata import write_cifar10_python
 from omegaconf import OmegaConf
 
 import cvt_train
@@ -18,8 +20,6 @@ from cvt_train import cli
 from cvt_train import eval as eval_module
 from cvt_train.config import SCHEMAS
 from cvt_train.schema import _unwrap
-from conftest import compose_train
-from fakedata import write_cifar10_python
 
 STAGES = 3  # every model preset has three stages
 
@@ -33,7 +33,7 @@ def wrong_value(tp) -> str | None:
         return "abc"
     if inner is str:
         return "[1,2]"
-    if typing.get_origin(inner) in (list, typing.List):
+    if typing.get_origin(inner) in (list, list):
         return "abc"
     return None  # Dict[str, Any] (ablation): free-form
 
@@ -45,7 +45,7 @@ def leaf_keys(cls: type, prefix: str = "") -> list[tuple[str, str]]:
     for f in dataclasses.fields(cls):
         tp, key = hints[f.name], f"{prefix}{f.name}"
         inner = _unwrap(tp)[0]
-        item = (typing.get_args(inner) or [None])[0] if typing.get_origin(inner) in (list, typing.List) else None
+        item = (typing.get_args(inner) or [None])[0] if typing.get_origin(inner) in (list, list) else None
         if dataclasses.is_dataclass(inner):
             out += leaf_keys(inner, key + ".")
             if prefix:  # (top-level mappings are config groups: `model=3` names an option, tested in test_cli)
@@ -99,15 +99,29 @@ def test_old_checkpoint_config_missing_newer_keys_still_evaluates(tmp_path, monk
     """A checkpoint written before trainer.compile_mode / tf32 / dist_timeout_min (and data.cache_dir) existed:
     its stored config is read as plain data, never merged into the schema as a whole."""
     root = write_cifar10_python(tmp_path / "cifar", n_train=20, n_test=20)
-    cfg = OmegaConf.to_container(compose_train(["model=cvt_cifar_tiny", "data=cifar10", f"data.root={root}",
-                                                "data.num_workers=0", "data.batch_size=10"]), resolve=True)
+    cfg = OmegaConf.to_container(
+        compose_train(
+            ["model=cvt_cifar_tiny", "data=cifar10", f"data.root={root}", "data.num_workers=0", "data.batch_size=10"]
+        ),
+        resolve=True,
+    )
     for key in ("compile_mode", "tf32", "dist_timeout_min"):
         del cfg["trainer"][key]
     del cfg["data"]["cache_dir"]
     model = cvt_train.create_model(cfg["model"])
     torch.save({"model": model.state_dict(), "config": cfg, "epoch": 1}, tmp_path / "old.pt")
-    monkeypatch.setattr(sys, "argv", ["cvt-eval", f"ckpt={tmp_path / 'old.pt'}", "eval.progress=false",
-                                      "trainer.precision=fp32", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'e'}"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "cvt-eval",
+            f"ckpt={tmp_path / 'old.pt'}",
+            "eval.progress=false",
+            "trainer.precision=fp32",
+            "trainer.device=cpu",
+            f"hydra.run.dir={tmp_path / 'e'}",
+        ],
+    )
     for name in ("HYDRA_FULL_ERROR", "CVT_DEBUG"):
         monkeypatch.delenv(name, raising=False)
     eval_module.main()

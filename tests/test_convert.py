@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import randomize, tiny_model
 
 import cvt_train
 from cvt_train import UserError, load_checkpoint
 from cvt_train.models.convert import to_format
-from conftest import randomize, tiny_model
 
 try:  # the HF tests need it (the `test` extra installs it); the official / own-format tests below do not
     import transformers
@@ -22,20 +22,47 @@ except ImportError:
 
 def ours_like(c) -> cvt_train.CvT:
     """Our model for an HF CvtConfig, key by key (written here, independently of the library's presets)."""
-    stages = [dict(patch_size=c.patch_sizes[i], patch_stride=c.patch_stride[i], patch_padding=c.patch_padding[i],
-                   dim_embed=c.embed_dim[i], depth=c.depth[i], num_heads=c.num_heads[i],
-                   mlp_ratio=float(c.mlp_ratio[i]), qkv_bias=c.qkv_bias[i], cls_token=c.cls_token[i],
-                   qkv_proj_method=c.qkv_projection_method[i], kernel_qkv=c.kernel_qkv[i],
-                   padding_q=c.padding_q[i], padding_kv=c.padding_kv[i], stride_q=c.stride_q[i],
-                   stride_kv=c.stride_kv[i]) for i in range(len(c.depth))]
+    stages = [
+        dict(
+            patch_size=c.patch_sizes[i],
+            patch_stride=c.patch_stride[i],
+            patch_padding=c.patch_padding[i],
+            dim_embed=c.embed_dim[i],
+            depth=c.depth[i],
+            num_heads=c.num_heads[i],
+            mlp_ratio=float(c.mlp_ratio[i]),
+            qkv_bias=c.qkv_bias[i],
+            cls_token=c.cls_token[i],
+            qkv_proj_method=c.qkv_projection_method[i],
+            kernel_qkv=c.kernel_qkv[i],
+            padding_q=c.padding_q[i],
+            padding_kv=c.padding_kv[i],
+            stride_q=c.stride_q[i],
+            stride_kv=c.stride_kv[i],
+        )
+        for i in range(len(c.depth))
+    ]
     return cvt_train.create_model({"num_classes": c.num_labels, "act": "gelu", "stages": stages})
 
 
 # Other widths, depths (>= stage index + 1: HF's drop-path slip), kernels, strides, mlp ratios, qkv biases.
-SMALL = dict(num_labels=7, embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], patch_sizes=[5, 3, 3],
-             patch_stride=[2, 2, 1], patch_padding=[2, 1, 1], stride_kv=[2, 1, 2], kernel_qkv=[3, 5, 3],
-             padding_q=[1, 2, 1], padding_kv=[1, 2, 1], mlp_ratio=[4.0, 2.0, 3.0], qkv_bias=[True, False, True],
-             cls_token=[False, False, True], drop_path_rate=[0.0, 0.1, 0.2])
+SMALL = dict(
+    num_labels=7,
+    embed_dim=[16, 32, 48],
+    num_heads=[1, 2, 3],
+    depth=[1, 2, 3],
+    patch_sizes=[5, 3, 3],
+    patch_stride=[2, 2, 1],
+    patch_padding=[2, 1, 1],
+    stride_kv=[2, 1, 2],
+    kernel_qkv=[3, 5, 3],
+    padding_q=[1, 2, 1],
+    padding_kv=[1, 2, 1],
+    mlp_ratio=[4.0, 2.0, 3.0],
+    qkv_bias=[True, False, True],
+    cls_token=[False, False, True],
+    drop_path_rate=[0.0, 0.1, 0.2],
+)
 CONFIGS = {"cvt13": dict(num_labels=1000), "small": SMALL, "small_no_cls": {**SMALL, "cls_token": [False] * 3}}
 
 
@@ -142,6 +169,7 @@ def test_hf_backbone_state_dict(hf):
 
 # ---- the official microsoft/CvT format, made by our converter from our own weights ----
 
+
 @pytest.fixture(scope="module")
 def cvt13_random(cvt13):
     torch.manual_seed(1)
@@ -157,10 +185,19 @@ def official_sd(cvt13_random):
 
 def test_official_key_names(cvt13_random):
     sd = official_sd(cvt13_random)
-    for key in ["stage0.patch_embed.proj.weight", "stage0.patch_embed.norm.bias", "stage2.cls_token",
-                "stage1.blocks.0.norm1.weight", "stage1.blocks.0.attn.conv_proj_q.conv.weight",
-                "stage1.blocks.0.attn.conv_proj_k.bn.running_var", "stage1.blocks.0.attn.proj_v.bias",
-                "stage1.blocks.0.attn.proj.weight", "stage1.blocks.0.mlp.fc1.weight", "norm.weight", "head.bias"]:
+    for key in [
+        "stage0.patch_embed.proj.weight",
+        "stage0.patch_embed.norm.bias",
+        "stage2.cls_token",
+        "stage1.blocks.0.norm1.weight",
+        "stage1.blocks.0.attn.conv_proj_q.conv.weight",
+        "stage1.blocks.0.attn.conv_proj_k.bn.running_var",
+        "stage1.blocks.0.attn.proj_v.bias",
+        "stage1.blocks.0.attn.proj.weight",
+        "stage1.blocks.0.mlp.fc1.weight",
+        "norm.weight",
+        "head.bias",
+    ]:
         assert key in sd
     assert all(re.match(r"(stage[0-2]\.|norm\.|head\.)", k) for k in sd)
 
@@ -214,6 +251,7 @@ def test_official_head_for_other_class_count(cvt13_random):
 
 
 # ---- our own checkpoints ----
+
 
 def test_own_checkpoint_formats(tmp_path):
     src = randomize(tiny_model(), seed=2).eval()

@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms import v2
 
+from cvt_train.config import check_group
 from cvt_train.data import aug_config, build_data, derive_seed
 from cvt_train.data.transforms import NoisyRandAugment, batch_crop_flip, photometric
-from cvt_train.config import check_group
 from cvt_train.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -29,8 +29,13 @@ CLASSES = ["cat", "dog", "frog"]
 
 
 def make_cfg(data: str, aug: str = "none", cache: Path | None = None, **over):
-    cfg = OmegaConf.create({"data": OmegaConf.load(CONF / "data" / f"{data}.yaml"),
-                            "aug": OmegaConf.load(CONF / "aug" / f"{aug}.yaml"), "trainer": {"seed": 0}})
+    cfg = OmegaConf.create(
+        {
+            "data": OmegaConf.load(CONF / "data" / f"{data}.yaml"),
+            "aug": OmegaConf.load(CONF / "aug" / f"{aug}.yaml"),
+            "trainer": {"seed": 0},
+        }
+    )
     cfg.data.num_workers = 0
     if cache is not None:
         cfg.data.cache_dir = str(cache)
@@ -64,8 +69,9 @@ def cifar_root(tmp_path_factory) -> Path:
 
     def batch(n: int, first: int) -> dict:
         labels = rng.integers(0, 10, n).tolist()
-        data = np.stack([encoded(np.zeros((3, 32, 32), np.uint8), lab, first + k).reshape(-1)
-                         for k, lab in enumerate(labels)])
+        data = np.stack(
+            [encoded(np.zeros((3, 32, 32), np.uint8), lab, first + k).reshape(-1) for k, lab in enumerate(labels)]
+        )
         return {"batch_label": "test", "labels": labels, "data": data, "filenames": [f"{k}.png" for k in range(n)]}
 
     for i in range(1, 6):
@@ -100,8 +106,14 @@ def folder_root(tmp_path_factory) -> Path:
 
 
 def folder_cfg(root, tmp_path, aug="none", in_memory=True, **over):
-    over = {"data__root": str(root), "data__num_classes": 3, "data__image_size": 16, "data__batch_size": 4,
-            "data__in_memory": in_memory, **over}
+    over = {
+        "data__root": str(root),
+        "data__num_classes": 3,
+        "data__image_size": 16,
+        "data__batch_size": 4,
+        "data__in_memory": in_memory,
+        **over,
+    }
     return make_cfg("folder", aug, cache=tmp_path / "cache", **over)
 
 
@@ -131,8 +143,10 @@ def test_cifar_python_format(cifar_root, tmp_path):
     for x, y in data.train_batches(0):  # training images carry their own labels (no augmentation)
         assert decode_ids(x, cfg)[0] == y.tolist()
     # ROOT may also be the cifar-10-batches-py folder itself
-    assert build_data(make_cfg("cifar10", data__root=str(cifar_root / "cifar-10-batches-py"),
-                                data__batch_size=8)).num_val == 20
+    assert (
+        build_data(make_cfg("cifar10", data__root=str(cifar_root / "cifar-10-batches-py"), data__batch_size=8)).num_val
+        == 20
+    )
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -174,8 +188,7 @@ def test_val_split_and_subsets(cifar_root, folder_root, tmp_path):
     other = build_data(cfg)
     assert sorted(decode_ids(torch.cat([x for x, _ in other.val_batches()]), cfg)[1]) == val_ids
 
-    cfg = make_cfg("cifar10", data__root=str(cifar_root), data__batch_size=4, data__train_subset=12,
-                   data__val_subset=6)
+    cfg = make_cfg("cifar10", data__root=str(cifar_root), data__batch_size=4, data__train_subset=12, data__val_subset=6)
     data = build_data(cfg)
     assert (data.num_train, data.num_val, data.steps_per_epoch) == (12, 6, 3)
     ids = [sorted(decode_ids(torch.cat([x for x, _ in build_data(cfg).val_batches()]), cfg)[1]) for _ in range(2)]
@@ -220,9 +233,21 @@ def test_folder_scan_hidden_nested_gif_and_faults(tmp_path):
 
 def test_derive_seed_unrelated_neighbours():
     """63-bit, a pure function of the tuple, and different for neighbouring or ambiguous tuples."""
-    tuples = [(), (0,), (0, 0), (0, 0, 0), (1,), (0, 1), (1, 0), (2**32,), (0, 1, 0), (-1,), (-1, 0),
-              *[(0, e, 2, i) for e in range(3) for i in range(50)], *[(s, 0, 3, r, k) for s in range(3)
-                                                                       for r in range(3) for k in range(3)]]
+    tuples = [
+        (),
+        (0,),
+        (0, 0),
+        (0, 0, 0),
+        (1,),
+        (0, 1),
+        (1, 0),
+        (2**32,),
+        (0, 1, 0),
+        (-1,),
+        (-1, 0),
+        *[(0, e, 2, i) for e in range(3) for i in range(50)],
+        *[(s, 0, 3, r, k) for s in range(3) for r in range(3) for k in range(3)],
+    ]
     seeds = [derive_seed(*t) for t in tuples]
     assert seeds == [derive_seed(*t) for t in tuples] and all(0 <= s < 2**63 for s in seeds)
     assert len(set(seeds)) == len(tuples)
@@ -263,9 +288,18 @@ def test_cifar_bytes_keys_and_eval_only(tmp_path, cifar_root):
 
 
 def heavy_cifar_cfg(root, **over):
-    return make_cfg("cifar10", "cifar", data__root=str(root), data__batch_size=8, aug__auto_augment="randaugment",
-                    aug__random_erasing=0.5, aug__mixup_alpha=0.8, aug__cutmix_alpha=1.0, aug__label_smoothing=0.1,
-                    **over)
+    return make_cfg(
+        "cifar10",
+        "cifar",
+        data__root=str(root),
+        data__batch_size=8,
+        aug__auto_augment="randaugment",
+        aug__random_erasing=0.5,
+        aug__mixup_alpha=0.8,
+        aug__cutmix_alpha=1.0,
+        aug__label_smoothing=0.1,
+        **over,
+    )
 
 
 def test_determinism_in_memory(cifar_root):
@@ -332,7 +366,7 @@ def test_batched_crop_flip_matches_reference():
     flip = torch.rand(6, generator=g) < 0.5
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for i in range(6):
-        ref = padded[i, :, oy[i]:oy[i] + 8, ox[i]:ox[i] + 8]
+        ref = padded[i, :, oy[i] : oy[i] + 8, ox[i] : ox[i] + 8]
         assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref)
     assert torch.equal(batch_crop_flip(x, 0, 1.0, g), x.flip(-1))
 
@@ -440,10 +474,14 @@ def test_faults_roots_and_layouts(tmp_path, folder_root, cifar_root):
     one_line_error(make_cfg("imagenet", data__root=str(tmp_path / "odd")), r"no supported layout found")
     one_line_error(make_cfg("folder", data__num_classes=3), r"data.root is not set")  # root: ??? in folder.yaml
     one_line_error(make_cfg("folder", data__root=str(folder_root)), r"data.num_classes is not set.*=3")
-    one_line_error(make_cfg("folder", data__root=str(folder_root / "train"), data__num_classes=3),
-                   r"split folder itself: use its parent")
-    one_line_error(make_cfg("cifar10", data__root=str(cifar_root), data__num_classes=100),
-                   r"data.num_classes=100 but .* has 10 classes .*set data.num_classes=10")
+    one_line_error(
+        make_cfg("folder", data__root=str(folder_root / "train"), data__num_classes=3),
+        r"split folder itself: use its parent",
+    )
+    one_line_error(
+        make_cfg("cifar10", data__root=str(cifar_root), data__num_classes=100),
+        r"data.num_classes=100 but .* has 10 classes .*set data.num_classes=10",
+    )
     one_line_error(folder_cfg(folder_root, tmp_path, data__num_classes=5), r"has 3 classes")
     one_line_error(make_cfg("cifar10", data__root=str(cifar_root), data__batch_size=64), r"data.batch_size=64")
     one_line_error(make_cfg("digits", data__val_split=0), r"set data.val_split=0.2")
@@ -474,7 +512,8 @@ def test_fault_hostile_or_truncated_cifar_pickle(tmp_path, cifar_root):
     one_line_error(make_cfg("cifar10", data__root=str(root)), r"data_batch_2: refused")
     assert not marker.exists()
     (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(
-        (cifar_root / "cifar-10-batches-py" / "data_batch_3").read_bytes()[:500])
+        (cifar_root / "cifar-10-batches-py" / "data_batch_3").read_bytes()[:500]
+    )
     one_line_error(make_cfg("cifar10", data__root=str(root)), r"data_batch_2: truncated or corrupt")
 
 
@@ -485,8 +524,9 @@ def test_fault_corrupt_image(tmp_path, in_memory, workers):
     write_folder(root, "test", 2, size=8)
     bad = root / "train" / "dog" / "002.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    cfg = folder_cfg(root, tmp_path, in_memory=in_memory, data__image_size=8, data__num_workers=workers,
-                     data__batch_size=3)
+    cfg = folder_cfg(
+        root, tmp_path, in_memory=in_memory, data__image_size=8, data__num_workers=workers, data__batch_size=3
+    )
     msg = one_line_error(cfg, r"002.png")  # named, with the way out; workers exit (no hang)
     assert str(bad) in msg and "data.skip_corrupt=true" in msg
     cfg.data.skip_corrupt = True

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakedata import make_images, write_cifar10_python, write_image_folder
 from hydra import compose, initialize_config_module
 
 import cvt_train
 from cvt_train.engine.trainer import train
 from cvt_train.eval import load_model
 from cvt_train.models.convert import to_format
-from fakedata import make_images, write_cifar10_python, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]  # conf/data/cifar10.yaml
@@ -32,9 +32,16 @@ CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]  
 MODEL = ["model=cvt_cifar_tiny", "model.stages.2.depth=3"]
 # trainer.device=cpu: bit-exact comparisons (resume, ranks, eval) hold on CPU; on CUDA, cuDNN's algorithm choice
 # and atomic adds change the last bits (README, Reproducibility)
-FAST = [*MODEL, "trainer.device=cpu",
-        "trainer.progress=false", "data.num_workers=0", "data.batch_size=50", "optim.lr=2e-3",
-        "sched.warmup_epochs=0", "trainer.precision=fp32"]
+FAST = [
+    *MODEL,
+    "trainer.device=cpu",
+    "trainer.progress=false",
+    "data.num_workers=0",
+    "data.batch_size=50",
+    "optim.lr=2e-3",
+    "sched.warmup_epochs=0",
+    "trainer.precision=fp32",
+]
 N_TRAIN, N_TEST = 300, 100
 _EVAL_SCRIPT = Path(sys.executable).with_name("cvt-eval")
 EVAL = [str(_EVAL_SCRIPT)] if _EVAL_SCRIPT.is_file() else [sys.executable, "-m", "cvt_train.eval"]
@@ -66,6 +73,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) 
 
 # --- independent reference: pixels and labels straight from the files the test wrote
 
+
 def read_cifar_pickle(path: Path, label_key: bytes = b"labels") -> tuple[torch.Tensor, torch.Tensor]:
     batch = pickle.loads(path.read_bytes())
     images = torch.from_numpy(np.asarray(batch[b"data"], dtype=np.uint8)).reshape(-1, 3, 32, 32)
@@ -87,11 +95,14 @@ def count_top1_top5(model, images: torch.Tensor, labels: torch.Tensor, mean, std
     logits = model(normalise(images, mean, std))
     logits = getattr(logits, "logits", logits)  # HF's output object
     top5 = logits.topk(5, dim=1).indices
-    return (100.0 * (top5[:, 0] == labels).sum().item() / len(labels),
-            100.0 * (top5 == labels[:, None]).any(1).sum().item() / len(labels))
+    return (
+        100.0 * (top5[:, 0] == labels).sum().item() / len(labels),
+        100.0 * (top5 == labels[:, None]).any(1).sum().item() / len(labels),
+    )
 
 
 # --- fixtures: one trained checkpoint for the module
+
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
@@ -103,8 +114,16 @@ def ckpt(tmp_path_factory, cifar_root) -> Path:
     """2 epochs, fp32, EMA on: best.pt of a cvt_cifar_tiny-like model that is far above chance."""
     run_dir = tmp_path_factory.mktemp("run")
     with initialize_config_module("cvt_train.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST, "data=cifar10", f"data.root={cifar_root}", "trainer.epochs=2",
-                                          "trainer.ema.enabled=true"])
+        cfg = compose(
+            "train",
+            overrides=[
+                *FAST,
+                "data=cifar10",
+                f"data.root={cifar_root}",
+                "trainer.epochs=2",
+                "trainer.ema.enabled=true",
+            ],
+        )
     train(cfg, run_dir)
     assert (run_dir / "best.pt").is_file()
     return run_dir / "best.pt"
@@ -117,11 +136,25 @@ def test_images(cifar_root) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- our checkpoints
 
+
 def test_top1_equals_an_independent_count(ckpt, test_images, tmp_path):
     result, report = cvt_eval([f"ckpt={ckpt}", "trainer.precision=fp32"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    for key in ("top1", "top5", "loss", "images", "params", "gmacs", "images_per_s", "precision", "checkpoint",
-                "split", "resolution", "mean", "std"):
+    for key in (
+        "top1",
+        "top5",
+        "loss",
+        "images",
+        "params",
+        "gmacs",
+        "images_per_s",
+        "precision",
+        "checkpoint",
+        "split",
+        "resolution",
+        "mean",
+        "std",
+    ):
         assert key in report, key
     assert json.loads(result.stdout.strip().splitlines()[-1])["top1"] == report["top1"]  # printed too
 
@@ -138,11 +171,14 @@ def test_top1_equals_an_independent_count(ckpt, test_images, tmp_path):
     assert report["images_per_s"] > 0 and 0 < report["loss"] < 2.3
 
 
-@pytest.mark.parametrize("split,extra,images", [
-    ("test", ["data.val_split=0.2"], N_TEST),             # the test pickle, whatever training held out
-    ("val", ["data.val_split=0.2"], N_TRAIN // 5),         # the held-out 20% of the training images
-    ("train", [], N_TRAIN),                                # every training image, eval transform
-])
+@pytest.mark.parametrize(
+    "split,extra,images",
+    [
+        ("test", ["data.val_split=0.2"], N_TEST),  # the test pickle, whatever training held out
+        ("val", ["data.val_split=0.2"], N_TRAIN // 5),  # the held-out 20% of the training images
+        ("train", [], N_TRAIN),  # every training image, eval transform
+    ],
+)
 def test_splits(split, extra, images, ckpt, cifar_root, test_images, tmp_path):
     result, report = cvt_eval([f"ckpt={ckpt}", "trainer.precision=fp32", f"eval.split={split}", *extra], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -175,6 +211,7 @@ def test_other_resolution(ckpt, tmp_path):
 
 # --- weight files without a config: official and HF
 
+
 def test_official_and_hf_weight_files(ckpt, cifar_root, test_images, tmp_path):
     transformers = pytest.importorskip("transformers")
     data = ["data=cifar10", f"data.root={cifar_root}", "data.num_workers=0", "trainer.precision=fp32"]
@@ -192,10 +229,17 @@ def test_official_and_hf_weight_files(ckpt, cifar_root, test_images, tmp_path):
     stages = torch.load(ckpt, weights_only=True)["config"]["model"]["stages"]
     per_stage = lambda key, kind=None: [kind(s[key]) if kind else s[key] for s in stages]  # noqa: E731
     config = transformers.CvtConfig(
-        num_labels=10, patch_sizes=per_stage("patch_size"), patch_stride=per_stage("patch_stride"),
-        patch_padding=per_stage("patch_padding"), embed_dim=per_stage("dim_embed"),
-        num_heads=per_stage("num_heads"), depth=per_stage("depth"), mlp_ratio=per_stage("mlp_ratio", float),
-        drop_path_rate=per_stage("drop_path_rate", float), cls_token=per_stage("cls_token"))
+        num_labels=10,
+        patch_sizes=per_stage("patch_size"),
+        patch_stride=per_stage("patch_stride"),
+        patch_padding=per_stage("patch_padding"),
+        embed_dim=per_stage("dim_embed"),
+        num_heads=per_stage("num_heads"),
+        depth=per_stage("depth"),
+        mlp_ratio=per_stage("mlp_ratio", float),
+        drop_path_rate=per_stage("drop_path_rate", float),
+        cls_token=per_stage("cls_token"),
+    )
     hf = transformers.CvtForImageClassification(config).eval()
     hf.load_state_dict(to_format(ours.state_dict(), "hf"), strict=True)
     hf.save_pretrained(tmp_path / "hf")
@@ -215,16 +259,26 @@ def test_subset_trained_checkpoint_is_evaluated_on_the_whole_split(cifar_root, t
     test images, and only a data.val_subset given to cvt-eval itself subsamples them; eval.json says how many."""
     run_dir = tmp_path / "run"
     with initialize_config_module("cvt_train.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST, "data=cifar10", f"data.root={cifar_root}", "trainer.epochs=1",
-                                          "trainer.max_steps_per_epoch=1", "data.train_subset=100",
-                                          "data.val_subset=30"])
+        cfg = compose(
+            "train",
+            overrides=[
+                *FAST,
+                "data=cifar10",
+                f"data.root={cifar_root}",
+                "trainer.epochs=1",
+                "trainer.max_steps_per_epoch=1",
+                "data.train_subset=100",
+                "data.val_subset=30",
+            ],
+        )
     train(cfg, run_dir)
     assert json.loads((run_dir / "metrics.json").read_text())["images"] == 30
     result, report = cvt_eval([f"ckpt={run_dir / 'last.pt'}", "eval.split=test", "trainer.precision=fp32"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert report["images"] == N_TEST
-    result, report = cvt_eval([f"ckpt={run_dir / 'last.pt'}", "eval.split=test", "data.val_subset=20"], tmp_path,
-                              name="subset")
+    result, report = cvt_eval(
+        [f"ckpt={run_dir / 'last.pt'}", "eval.split=test", "data.val_subset=20"], tmp_path, name="subset"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert report["images"] == 20
     assert cvt_train.load_model(run_dir / "last.pt").cfg.name == "cvt_cifar_tiny"  # at the package's top level
@@ -237,10 +291,21 @@ def test_gmacs_at_224_match_the_paper(name, paper, tmp_path):
     root = write_image_folder(tmp_path / "folder", {"train": 10, "val": 10})
     model = cvt_train.create_model(name, num_classes=10, init="xavier")
     torch.save(to_format(model.state_dict(), "official"), tmp_path / f"{name}.pth")
-    result, report = cvt_eval([f"ckpt={tmp_path / f'{name}.pth'}", f"model={name}", "data=folder",
-                               f"data.root={root}", "data.num_classes=10", "data.image_size=224",
-                               "data.num_workers=0", "data.val_subset=2", "eval.batch_size=2",
-                               "trainer.precision=fp32"], tmp_path)
+    result, report = cvt_eval(
+        [
+            f"ckpt={tmp_path / f'{name}.pth'}",
+            f"model={name}",
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=10",
+            "data.image_size=224",
+            "data.num_workers=0",
+            "data.val_subset=2",
+            "eval.batch_size=2",
+            "trainer.precision=fp32",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert report["resolution"] == 224 and report["images"] == 2
     assert report["gmacs"] == pytest.approx(paper, rel=0.02)
@@ -248,14 +313,18 @@ def test_gmacs_at_224_match_the_paper(name, paper, tmp_path):
 
 # --- bad input: one `error: ...` line, non-zero exit, no traceback
 
+
 def write_cifar100_python(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
     out = root / "cifar-100-python"
     out.mkdir(parents=True)
     images, labels = make_images(n_train + n_test, num_classes=100)
     flat = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
     for name, sl in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
-        (out / name).write_bytes(pickle.dumps({b"data": flat[sl], b"fine_labels": labels[sl].tolist(),
-                                               b"coarse_labels": (labels[sl] // 5).tolist()}))
+        (out / name).write_bytes(
+            pickle.dumps(
+                {b"data": flat[sl], b"fine_labels": labels[sl].tolist(), b"coarse_labels": (labels[sl] // 5).tolist()}
+            )
+        )
     (out / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
     return root
 
@@ -270,8 +339,7 @@ def test_bad_input_is_one_line(case, ckpt, cifar_root, tmp_path):
     elif case == "classes_official":  # an ImageNet head against CIFAR-10
         model = cvt_train.create_model("cvt_cifar_tiny", num_classes=1000, init="xavier")
         torch.save(to_format(model.state_dict(), "official"), tmp_path / "in1k.pth")
-        args = [f"ckpt={tmp_path / 'in1k.pth'}", "model=cvt_cifar_tiny", "data=cifar10",
-                f"data.root={cifar_root}"]
+        args = [f"ckpt={tmp_path / 'in1k.pth'}", "model=cvt_cifar_tiny", "data=cifar10", f"data.root={cifar_root}"]
         fragments = ["1000", "10"]
     elif case == "architecture":  # official weights of one model evaluated as another
         model = cvt_train.create_model("cvt_cifar_tiny", num_classes=10, init="xavier")
@@ -287,11 +355,25 @@ def test_bad_input_is_one_line(case, ckpt, cifar_root, tmp_path):
 
 # --- sweep summary
 
+
 def test_summarize_sweep_on_a_real_two_job_sweep(cifar_root, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run([sys.executable, "-m", "cvt_train.train", "-m", *FAST, "data=cifar10", f"data.root={cifar_root}",
-                  "trainer.epochs=1", "data.train_subset=100", "model.stages.0.patch_stride=1,2",
-                  f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "cvt_train.train",
+            "-m",
+            *FAST,
+            "data=cifar10",
+            f"data.root={cifar_root}",
+            "trainer.epochs=1",
+            "data.train_subset=100",
+            "model.stages.0.patch_stride=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("summary.md", "summary.csv"):  # written by the sweep's own callback; the script must redo them
         (sweep / name).unlink()

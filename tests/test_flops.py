@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cvt_train import count_macs
 from cvt_train.flops import count_flops
-from conftest import tiny_model
 
 # Paper Table 2 ("FLOPs" there are multiply-adds).
 PAPER = [("cvt13", 224, 4.5), ("cvt21", 224, 7.1), ("cvt13", 384, 16.3), ("cvt21", 384, 24.9), ("cvtw24", 384, 193.2)]

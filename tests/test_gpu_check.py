@@ -18,8 +18,13 @@ SECTIONS = ("bench", "precision", "resume", "syncs", "cifar_speed")
 
 
 def gpu_check(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,11 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, Path
 def test_every_section_ok(quick_run):
     proc, report, _ = quick_run
     status = {name: report["sections"][name]["status"] for name in SECTIONS}
-    details = {n: report["sections"][n].get("failed_checks") or report["sections"][n].get("output_tail")
-               for n, s in status.items() if s != "ok"}
+    details = {
+        n: report["sections"][n].get("failed_checks") or report["sections"][n].get("output_tail")
+        for n, s in status.items()
+        if s != "ok"
+    }
     assert status == dict.fromkeys(SECTIONS, "ok"), details
     assert proc.returncode == 0
     meta = report["meta"]
@@ -108,8 +116,9 @@ def test_timeout_keeps_the_other_sections(quick_run, tmp_path):
     updated = json.loads(copy.read_text())
     syncs = updated["sections"]["syncs"]
     assert syncs["status"] == "timeout" and syncs["returncode"] is None and "output_tail" in syncs
-    assert {n: updated["sections"][n] for n in SECTIONS if n != "syncs"} == \
-        {n: report["sections"][n] for n in SECTIONS if n != "syncs"}
+    assert {n: updated["sections"][n] for n in SECTIONS if n != "syncs"} == {
+        n: report["sections"][n] for n in SECTIONS if n != "syncs"
+    }
     assert any(line.startswith("syncs") and "timeout" in line for line in proc.stdout.splitlines())
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_train
+from fakedata import write_cifar10_python
+from sync_probe import probe
 from torch import nn
 
 import cvt_train
@@ -24,15 +27,22 @@ from cvt_train.engine.checkpoint import restore_rng, rng_states
 from cvt_train.engine.distributed import DistInfo
 from cvt_train.engine.ema import WeightEma
 from cvt_train.engine.trainer import Trainer, train
-from conftest import compose_train
-from fakedata import write_cifar10_python
-from sync_probe import probe
 
 TESTS = Path(__file__).parent
 # one loader worker: the data pipeline's reads of its own host tensors happen there, out of the count
-BASE = ["trainer.device=cpu", "model=cvt_cifar_tiny", "data=cifar10", "trainer.progress=false", "data.num_workers=1",
-        "data.batch_size=20", "optim.lr=1e-3", "sched.warmup_epochs=0", "trainer.epochs=1", "data.val_subset=40",
-        "trainer.log_every=1000"]
+BASE = [
+    "trainer.device=cpu",
+    "model=cvt_cifar_tiny",
+    "data=cifar10",
+    "trainer.progress=false",
+    "data.num_workers=1",
+    "data.batch_size=20",
+    "optim.lr=1e-3",
+    "sched.warmup_epochs=0",
+    "trainer.epochs=1",
+    "data.val_subset=40",
+    "trainer.log_every=1000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +66,11 @@ def test_buffer_sync_hands_every_collective_tensors_on_the_rank_device(monkeypat
     handed = []
     monkeypatch.setattr(torch.distributed, "broadcast", lambda t, src: handed.append((t.device, t.shape)))
     trainer.sync_buffers()
-    expected = len(list(model.buffers())) + len(list(trainer.ema.averaged.buffers())) + \
-        len(list(trainer.ema.averaged.parameters()))
+    expected = (
+        len(list(model.buffers()))
+        + len(list(trainer.ema.averaged.buffers()))
+        + len(list(trainer.ema.averaged.parameters()))
+    )
     assert len(handed) == expected and any(shape == () for _, shape in handed)  # n_averaged among them
     assert {d for d, _ in handed} == {device}
 
@@ -94,8 +107,14 @@ def test_rng_states_of_eight_gpus_restore_where_fewer_are_visible(visible, monke
 
 @pytest.mark.parametrize("visible", [1, 0])
 def test_checkpoint_of_eight_gpus_resumes_exactly_on_fewer(visible, tmp_path, cifar, monkeypatch):
-    overrides = [*BASE, f"data.root={cifar}", "trainer.epochs=2", "trainer.precision=fp32", "trainer.ema.enabled=true",
-                 "model.stages.2.drop_path_rate=0.2"]
+    overrides = [
+        *BASE,
+        f"data.root={cifar}",
+        "trainer.epochs=2",
+        "trainer.precision=fp32",
+        "trainer.ema.enabled=true",
+        "model.stages.2.drop_path_rate=0.2",
+    ]
     train(compose_train(overrides), tmp_path / "full")
     with monkeypatch.context() as m:
         m.setattr(trainer_module.StopRequest, "requested", lambda self, dist: self_stop(self))
@@ -133,14 +152,20 @@ def per_step(run, short: int = 4, long: int = 12, **kwargs) -> tuple[float, floa
     return (b["reads"] - a["reads"]) / (long - short), (b["collectives"] - a["collectives"]) / (long - short), b
 
 
-@pytest.mark.parametrize("extra", [[], ["trainer.ema.enabled=true"],
-                                   ["trainer.ema.enabled=true", "trainer.grad_clip=1.0", "trainer.accum_steps=2",
-                                    "optim=sgd"]],
-                         ids=["plain", "ema", "ema-clip-accum-sgd"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["trainer.ema.enabled=true"],
+        ["trainer.ema.enabled=true", "trainer.grad_clip=1.0", "trainer.accum_steps=2", "optim=sgd"],
+    ],
+    ids=["plain", "ema", "ema-clip-accum-sgd"],
+)
 def test_no_host_read_per_optimizer_step(extra, tmp_path, cifar):
     def run(steps):
-        return probe([*BASE, f"data.root={cifar}", f"trainer.max_steps_per_epoch={steps}", *extra],
-                     tmp_path / f"{steps}" / "run")
+        return probe(
+            [*BASE, f"data.root={cifar}", f"trainer.max_steps_per_epoch={steps}", *extra], tmp_path / f"{steps}" / "run"
+        )
 
     reads, _, longer = per_step(run)
     assert reads == 0, longer["where"]
@@ -148,9 +173,12 @@ def test_no_host_read_per_optimizer_step(extra, tmp_path, cifar):
 
 def test_no_host_read_between_log_points_counts_the_log_points(tmp_path, cifar):
     """With trainer.log_every=2 the loop reads the device once per log point: half a read per step."""
+
     def run(steps):
-        return probe([*BASE, f"data.root={cifar}", f"trainer.max_steps_per_epoch={steps}", "trainer.log_every=2"],
-                     tmp_path / f"{steps}" / "run")
+        return probe(
+            [*BASE, f"data.root={cifar}", f"trainer.max_steps_per_epoch={steps}", "trainer.log_every=2"],
+            tmp_path / f"{steps}" / "run",
+        )
 
     reads, _, _ = per_step(run)
     assert reads == 0.5
@@ -159,14 +187,31 @@ def test_no_host_read_between_log_points_counts_the_log_points(tmp_path, cifar):
 def test_two_ranks_no_host_read_and_no_collective_per_step(tmp_path, cifar):
     """Two gloo ranks: between log points a step reads nothing back and calls no collective of the trainer's
     (DDP's own gradient all-reduce aside): a stop signal is shared at log points."""
+
     def run(steps, port):
         out = tmp_path / f"{steps}" / "probe.json"
         out.parent.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               str(TESTS / "sync_probe.py"), str(out), *BASE, f"data.root={cifar}",
-               f"trainer.max_steps_per_epoch={steps}", "trainer.ema.enabled=true"]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            str(TESTS / "sync_probe.py"),
+            str(out),
+            *BASE,
+            f"data.root={cifar}",
+            f"trainer.max_steps_per_epoch={steps}",
+            "trainer.ema.enabled=true",
+        ]
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -188,15 +233,20 @@ def test_diverged_run_stops_at_the_next_log_point_naming_the_step(tmp_path, cifa
         return real(self, logits, targets) * (float("nan") if calls["n"] >= 3 else 1.0)
 
     monkeypatch.setattr(nn.CrossEntropyLoss, "forward", nan_from_third)
-    trainer = Trainer(compose_train([*BASE, f"data.root={cifar}", "trainer.max_steps_per_epoch=10",
-                                     "trainer.max_nonfinite=4"]), tmp_path / "run")
+    trainer = Trainer(
+        compose_train([*BASE, f"data.root={cifar}", "trainer.max_steps_per_epoch=10", "trainer.max_nonfinite=4"]),
+        tmp_path / "run",
+    )
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(cvt_train.UserError, match=r"non-finite loss for 4 consecutive steps \(epoch 1, step 6\)"):
         trainer.fit()
     assert trainer.progress.global_step == 10 and not (tmp_path / "run" / "last.pt").exists()
     # the skipped steps left the weights where the last finite step put them (not NaN)
-    assert all(torch.isfinite(v).all() for k, v in trainer.model.state_dict().items() if v.is_floating_point()
-               and "running" not in k)
+    assert all(
+        torch.isfinite(v).all()
+        for k, v in trainer.model.state_dict().items()
+        if v.is_floating_point() and "running" not in k
+    )
     assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in weights.items())
 
 
@@ -222,9 +272,20 @@ def test_compiled_training_and_evaluation_compile_once(tmp_path, cifar):
 
     trainer_module.Trainer.evaluate = evaluate
     try:
-        train(compose_train([*BASE, f"data.root={cifar}", "trainer.compile=true", "trainer.epochs=2",
-                             "trainer.max_steps_per_epoch=3", "data.val_subset=45", "trainer.ema.enabled=true"]),
-              tmp_path / "run")
+        train(
+            compose_train(
+                [
+                    *BASE,
+                    f"data.root={cifar}",
+                    "trainer.compile=true",
+                    "trainer.epochs=2",
+                    "trainer.max_steps_per_epoch=3",
+                    "data.val_subset=45",
+                    "trainer.ema.enabled=true",
+                ]
+            ),
+            tmp_path / "run",
+        )
     finally:
         trainer_module.Trainer.evaluate = real
     assert not counters["graph_break"], dict(counters["graph_break"])

@@ -6,12 +6,12 @@ import time
 
 import pytest
 import torch
+from conftest import num_params, tiny_model
 from omegaconf import OmegaConf
 from torch import nn
 
 import cvt_train
 from cvt_train import UserError
-from conftest import num_params, tiny_model
 
 # Paper Table 2 / the official code's models.
 PARAMS = {"cvt13": 19_997_480, "cvt21": 31_622_696, "cvtw24": 277_196_392}
@@ -82,8 +82,9 @@ def test_variant_structure():
     assert tiny_model(**VARIANTS["no_qkv_bias_mlp_2"]).stages[1].blocks[0].attn.proj_q.bias is None
 
 
-@pytest.mark.parametrize("stride_kv, method, expected", [(2, "dw_bn", 16), (1, "dw_bn", 64), (2, "avg", 25),
-                                                         (2, "linear", 64)])
+@pytest.mark.parametrize(
+    "stride_kv, method, expected", [(2, "dw_bn", 16), (1, "dw_bn", 64), (2, "avg", 25), (2, "linear", 64)]
+)
 def test_number_of_keys_and_values(stride_kv, method, expected):
     """At 32x32 stage 0 has an 8x8 map: kv stride 2 leaves 4x4 = 16 keys, stride 1 (or linear) all 64;
     the official average pooling rounds up (ceil_mode): 5x5 = 25."""
@@ -93,6 +94,7 @@ def test_number_of_keys_and_values(stride_kv, method, expected):
     def record(name):
         def hook(module, args, out):
             seen[name] = args[0].shape[1]  # tokens going into the Linear projection
+
         return hook
 
     attn = model.stages[0].blocks[0].attn
@@ -169,7 +171,10 @@ BAD = [
     ({"stages.5.depth": 2}, "model.stages.5.depth"),
     ({"stages.0.depth": "two"}, "model.stages.0.depth='two': expected an integer"),
     ({"stages.0.depth": 1.5}, "model.stages.0.depth=1.5: expected an integer"),
-    ({"stages.2.cls_token": "maybe"}, "model.stages.2.cls_token='maybe': expected true or false"),  # "yes" is YAML's true
+    (
+        {"stages.2.cls_token": "maybe"},
+        "model.stages.2.cls_token='maybe': expected true or false",
+    ),  # "yes" is YAML's true
     ({"stages.1.drop_path_rate": 1.0}, "model.stages.1.drop_path_rate"),
     ({"stages.1.padding_q": 0}, "model.stages.1.padding_q"),
     ({"stages.1.stride_q": 2}, "model.stages.1.stride_q"),
@@ -231,13 +236,26 @@ def test_torch_compile_matches_eager():
 
 # The MODEL.SPEC block of the official experiments/imagenet/cvt/cvt-13-224x224.yaml.
 CVT13_SPEC = {
-    "INIT": "trunc_norm", "NUM_STAGES": 3,
-    "PATCH_SIZE": [7, 3, 3], "PATCH_STRIDE": [4, 2, 2], "PATCH_PADDING": [2, 1, 1],
-    "DIM_EMBED": [64, 192, 384], "NUM_HEADS": [1, 3, 6], "DEPTH": [1, 2, 10],
-    "MLP_RATIO": [4.0, 4.0, 4.0], "ATTN_DROP_RATE": [0.0, 0.0, 0.0], "DROP_RATE": [0.0, 0.0, 0.0],
-    "DROP_PATH_RATE": [0.0, 0.0, 0.1], "QKV_BIAS": [True, True, True], "CLS_TOKEN": [False, False, True],
-    "POS_EMBED": [False, False, False], "QKV_PROJ_METHOD": ["dw_bn", "dw_bn", "dw_bn"],
-    "KERNEL_QKV": [3, 3, 3], "PADDING_KV": [1, 1, 1], "STRIDE_KV": [2, 2, 2], "PADDING_Q": [1, 1, 1],
+    "INIT": "trunc_norm",
+    "NUM_STAGES": 3,
+    "PATCH_SIZE": [7, 3, 3],
+    "PATCH_STRIDE": [4, 2, 2],
+    "PATCH_PADDING": [2, 1, 1],
+    "DIM_EMBED": [64, 192, 384],
+    "NUM_HEADS": [1, 3, 6],
+    "DEPTH": [1, 2, 10],
+    "MLP_RATIO": [4.0, 4.0, 4.0],
+    "ATTN_DROP_RATE": [0.0, 0.0, 0.0],
+    "DROP_RATE": [0.0, 0.0, 0.0],
+    "DROP_PATH_RATE": [0.0, 0.0, 0.1],
+    "QKV_BIAS": [True, True, True],
+    "CLS_TOKEN": [False, False, True],
+    "POS_EMBED": [False, False, False],
+    "QKV_PROJ_METHOD": ["dw_bn", "dw_bn", "dw_bn"],
+    "KERNEL_QKV": [3, 3, 3],
+    "PADDING_KV": [1, 1, 1],
+    "STRIDE_KV": [2, 2, 2],
+    "PADDING_Q": [1, 1, 1],
     "STRIDE_Q": [1, 1, 1],
 }
 
@@ -297,8 +315,9 @@ def test_xavier_init():
 
 
 def test_dotted_overrides_and_config_sources():
-    model = cvt_train.create_model("cvt13", num_classes=10, init="xavier",
-                                   **{"stages.0.patch_stride": 2, "stages.2.depth": 3})
+    model = cvt_train.create_model(
+        "cvt13", num_classes=10, init="xavier", **{"stages.0.patch_stride": 2, "stages.2.depth": 3}
+    )
     assert model.stages[0].patch_embed.proj.stride == (2, 2)
     assert model.stages[1].patch_embed.proj.stride == (2, 2)
     assert len(model.stages[2].blocks) == 3 and model.head.out_features == 10
@@ -437,8 +456,14 @@ def _reference_block(block, x, h, w):
         z = z.flatten(2).transpose(1, 2)
         return z if cls is None else torch.cat((cls, z), dim=1)
 
-    q, k, v = (lin(project(p)) for lin, p in ((attn.proj_q, attn.conv_proj_q), (attn.proj_k, attn.conv_proj_k),
-                                              (attn.proj_v, attn.conv_proj_v)))
+    q, k, v = (
+        lin(project(p))
+        for lin, p in (
+            (attn.proj_q, attn.conv_proj_q),
+            (attn.proj_k, attn.conv_proj_k),
+            (attn.proj_v, attn.conv_proj_v),
+        )
+    )
     q, k, v = (z.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for z in (q, k, v))
     scores = torch.einsum("bhld,bhtd->bhlt", q, k) * attn.scale
     z = torch.einsum("bhlt,bhtv->bhlv", scores.softmax(dim=-1), v).transpose(1, 2).flatten(2)
@@ -494,8 +519,10 @@ def test_mlp_calls_fc1_and_fc2_as_modules(act, mode):
             getattr(mlp, name).register_forward_hook(lambda mod, args, out, n=name: calls.append(n))
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "train_bf16"), \
-                torch.set_grad_enabled(mode != "eval"):
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "train_bf16"),
+            torch.set_grad_enabled(mode != "eval"),
+        ):
             return model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
 
     base = run()
@@ -516,11 +543,16 @@ def test_mlp_calls_fc1_and_fc2_as_modules(act, mode):
 def test_kv_projections_in_fp32_only_when_training_on_cpu_under_autocast():
     """oneDNN's bf16 backward of a strided depthwise conv is slow: the k and v convs (stride 2) run in fp32 when
     training on CPU under autocast, q's (stride 1) in bf16; without grad, or with stride_kv 1, all run in bf16."""
+
     def conv_dtypes(model, grad):
         seen = {}
         attn = model.stages[1].blocks[0].attn
-        hooks = [getattr(attn, f"conv_proj_{n}").register_forward_hook(
-            lambda mod, args, out, n=n: seen.setdefault(n, (args[0].dtype, out.dtype)) and None) for n in "qkv"]
+        hooks = [
+            getattr(attn, f"conv_proj_{n}").register_forward_hook(
+                lambda mod, args, out, n=n: seen.setdefault(n, (args[0].dtype, out.dtype)) and None
+            )
+            for n in "qkv"
+        ]
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
             out = model(torch.randn(2, 3, 32, 32))
         if grad:

@@ -7,15 +7,24 @@ import io
 
 import pytest
 import torch
+from conftest import tiny_model
 from omegaconf import OmegaConf
 
 from cvt_train.engine.optim import build_optimizer, load_optimizer_state
-from conftest import tiny_model
 
 
 def adamw(fused: bool):
-    return OmegaConf.create({"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05,
-                             "fused": fused, "momentum": 0.9, "nesterov": False})
+    return OmegaConf.create(
+        {
+            "name": "adamw",
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "weight_decay": 0.05,
+            "fused": fused,
+            "momentum": 0.9,
+            "nesterov": False,
+        }
+    )
 
 
 def steps(model, optimizer, grads, n: int) -> None:

@@ -11,7 +11,9 @@ from cvt_train.errors import UserError
 CUDA = torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("capability,auto", [((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.parametrize(
+    "capability,auto", [((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]
+)
 def test_auto_on_gpus_old_and_new(capability, auto, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU sm_{capability[0]}{capability[1]}")
@@ -38,8 +40,11 @@ def test_unknown_precision_is_refused_by_each_apps_schema(validate_app):
     from cvt_train.config import SCHEMAS, check_group
 
     cfg = OmegaConf.merge(OmegaConf.structured(SCHEMAS[validate_app]), {"trainer": {"precision": "fp8"}})
-    with pytest.raises(UserError, match=r"^trainer.precision='fp8': unknown precision; choose one of bf16, fp16, "
-                                        r"fp32, auto \(e.g. trainer.precision=bf16\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^trainer.precision='fp8': unknown precision; choose one of bf16, fp16, "
+        r"fp32, auto \(e.g. trainer.precision=bf16\)$",
+    ):
         check_group(cfg, "trainer", OmegaConf.get_type(cfg, "trainer"))
 
 
@@ -58,6 +63,10 @@ def test_gpu_defaults_set_tf32_and_benchmark_on_cuda_only(tf32, monkeypatch):
         assert (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark) == ("none", "none", False)
         set_gpu_defaults(torch.device("cuda"), tf32=tf32, benchmark=True)
         expected = "tf32" if tf32 else "ieee"
-        assert (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark) == (expected, expected, True)
+        assert (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark) == (
+            expected,
+            expected,
+            True,
+        )
     finally:
         matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark = saved

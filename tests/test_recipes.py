@@ -10,51 +10,94 @@ import json
 
 import pytest
 import torch
+from conftest import compose_train
+from fakedata import write_cifar10_python
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from cvt_train.engine.optim import learning_rate
 from cvt_train.engine.trainer import train
 from cvt_train.models import CvT, model_config, stage_map_sizes
-from conftest import compose_train
-from fakedata import write_cifar10_python
-
-
 
 OFFICIAL_RECIPE = {  # the official training recipe, shared by CvT-13, CvT-21 and W24
-    "optim.name": "adamw", "optim.weight_decay": 0.05, "optim.betas": [0.9, 0.999],
-    "sched.name": "cosine", "sched.warmup_epochs": 5, "sched.warmup_lr": 1e-6, "sched.min_lr": 1e-5,
+    "optim.name": "adamw",
+    "optim.weight_decay": 0.05,
+    "optim.betas": [0.9, 0.999],
+    "sched.name": "cosine",
+    "sched.warmup_epochs": 5,
+    "sched.warmup_lr": 1e-6,
+    "sched.min_lr": 1e-5,
     "trainer.epochs": 300,
-    "aug.crop": "random_resized", "aug.crop_scale": [0.08, 1.0], "aug.crop_ratio": [3 / 4, 4 / 3], "aug.hflip": 0.5,
-    "aug.auto_augment": "randaugment", "aug.randaugment_num_ops": 2, "aug.randaugment_magnitude": 9,
+    "aug.crop": "random_resized",
+    "aug.crop_scale": [0.08, 1.0],
+    "aug.crop_ratio": [3 / 4, 4 / 3],
+    "aug.hflip": 0.5,
+    "aug.auto_augment": "randaugment",
+    "aug.randaugment_num_ops": 2,
+    "aug.randaugment_magnitude": 9,
     "aug.randaugment_bins": 11,  # m9 on timm's 0..10 scale
-    "aug.randaugment_magnitude_std": 0.5, "aug.randaugment_op_prob": 0.5,  # mstd0.5; timm's per-op probability
-    "aug.mixup_alpha": 0.8, "aug.cutmix_alpha": 1.0, "aug.mix_prob": 1.0, "aug.mix_switch_prob": 0.5,
-    "aug.random_erasing": 0.25, "aug.label_smoothing": 0.1, "aug.interpolation": "bicubic",
+    "aug.randaugment_magnitude_std": 0.5,
+    "aug.randaugment_op_prob": 0.5,  # mstd0.5; timm's per-op probability
+    "aug.mixup_alpha": 0.8,
+    "aug.cutmix_alpha": 1.0,
+    "aug.mix_prob": 1.0,
+    "aug.mix_switch_prob": 0.5,
+    "aug.random_erasing": 0.25,
+    "aug.label_smoothing": 0.1,
+    "aug.interpolation": "bicubic",
     "aug.eval_crop_ratio": 0.875,  # TEST.CENTER_CROP: resize 256, crop 224
-    "data.name": "imagenet", "data.num_classes": 1000,
-    "data.mean": [0.485, 0.456, 0.406], "data.std": [0.229, 0.224, 0.225],
+    "data.name": "imagenet",
+    "data.num_classes": 1000,
+    "data.mean": [0.485, 0.456, 0.406],
+    "data.std": [0.229, 0.224, 0.225],
 }
 OFFICIAL_SPEC = {  # MODEL.SPEC per stage (paper Table 2)
-    "cvt13": {"dim_embed": [64, 192, 384], "num_heads": [1, 3, 6], "depth": [1, 2, 10],
-              "drop_path_rate": [0.0, 0.0, 0.1]},
-    "cvt21": {"dim_embed": [64, 192, 384], "num_heads": [1, 3, 6], "depth": [1, 4, 16],
-              "drop_path_rate": [0.0, 0.0, 0.1]},
-    "cvtw24": {"dim_embed": [192, 768, 1024], "num_heads": [3, 12, 16], "depth": [2, 2, 20],
-               "drop_path_rate": [0.0, 0.0, 0.3]},
+    "cvt13": {
+        "dim_embed": [64, 192, 384],
+        "num_heads": [1, 3, 6],
+        "depth": [1, 2, 10],
+        "drop_path_rate": [0.0, 0.0, 0.1],
+    },
+    "cvt21": {
+        "dim_embed": [64, 192, 384],
+        "num_heads": [1, 3, 6],
+        "depth": [1, 4, 16],
+        "drop_path_rate": [0.0, 0.0, 0.1],
+    },
+    "cvtw24": {
+        "dim_embed": [192, 768, 1024],
+        "num_heads": [3, 12, 16],
+        "depth": [2, 2, 20],
+        "drop_path_rate": [0.0, 0.0, 0.3],
+    },
 }
-COMMON_SPEC = {"patch_size": [7, 3, 3], "patch_stride": [4, 2, 2], "patch_padding": [2, 1, 1],
-               "mlp_ratio": [4.0] * 3, "qkv_bias": [True] * 3, "cls_token": [False, False, True],
-               "pos_embed": [False] * 3, "qkv_proj_method": ["dw_bn"] * 3, "kernel_qkv": [3] * 3,
-               "padding_q": [1] * 3, "padding_kv": [1] * 3, "stride_q": [1] * 3, "stride_kv": [2] * 3,
-               "drop_rate": [0.0] * 3, "attn_drop_rate": [0.0] * 3}
+COMMON_SPEC = {
+    "patch_size": [7, 3, 3],
+    "patch_stride": [4, 2, 2],
+    "patch_padding": [2, 1, 1],
+    "mlp_ratio": [4.0] * 3,
+    "qkv_bias": [True] * 3,
+    "cls_token": [False, False, True],
+    "pos_embed": [False] * 3,
+    "qkv_proj_method": ["dw_bn"] * 3,
+    "kernel_qkv": [3] * 3,
+    "padding_q": [1] * 3,
+    "padding_kv": [1] * 3,
+    "stride_q": [1] * 3,
+    "stride_kv": [2] * 3,
+    "drop_rate": [0.0] * 3,
+    "attn_drop_rate": [0.0] * 3,
+}
 
 
-@pytest.mark.parametrize("experiment,model,size,batch", [
-    ("imagenet_cvt13", "cvt13", 224, 256),
-    ("imagenet_cvt21", "cvt21", 224, 256),
-    ("imagenet_cvtw24_384", "cvtw24", 384, 32),
-])
+@pytest.mark.parametrize(
+    "experiment,model,size,batch",
+    [
+        ("imagenet_cvt13", "cvt13", 224, 256),
+        ("imagenet_cvt21", "cvt21", 224, 256),
+        ("imagenet_cvtw24_384", "cvtw24", 384, 32),
+    ],
+)
 def test_imagenet_recipes_hold_the_official_values(experiment, model, size, batch):
     cfg = compose_train([f"experiment={experiment}"])
     for key, value in OFFICIAL_RECIPE.items():
@@ -89,9 +132,17 @@ def test_cifar_recipes_build_for_32px_and_run(experiment, tmp_path_factory):
     # a few steps of the recipe as it stands (augmentation, mixing, EMA, schedule) on generated CIFAR pickles
     root = write_cifar10_python(tmp_path_factory.mktemp("cifar"), n_train=64, n_test=16)
     run_dir = tmp_path_factory.mktemp("run")
-    small = [f"experiment={experiment}", f"data.root={root}", "data.val_split=0", "data.batch_size=8",
-             "data.num_workers=0", "data.train_subset=16", "trainer.epochs=1", "trainer.progress=false",
-             "trainer.max_steps_per_epoch=2"]
+    small = [
+        f"experiment={experiment}",
+        f"data.root={root}",
+        "data.val_split=0",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.train_subset=16",
+        "trainer.epochs=1",
+        "trainer.progress=false",
+        "trainer.max_steps_per_epoch=2",
+    ]
     train(compose_train(small), run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["images"] == 16 and 0.0 <= metrics["top1"] <= 100.0
@@ -115,8 +166,10 @@ def sweep_variants(experiment: str) -> list[list[str]]:
     with initialize_config_module("cvt_train.conf", version_base="1.3"):
         params = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True).hydra.sweeper.params
     parser = OverridesParser.create()
-    axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
-            for key, value in params.items()]
+    axes = [
+        [f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
+        for key, value in params.items()
+    ]
     return [list(job) for job in product(*axes)]
 
 
@@ -150,8 +203,9 @@ def test_quickstart_trains_and_evaluates_offline(tmp_path):
     import sys
 
     def cli(module, *args):
-        return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=900)
+        return subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True, timeout=900
+        )
 
     trained = cli("cvt_train.train", "experiment=quickstart", "trainer.progress=false")
     assert trained.returncode == 0, trained.stderr[-3000:]

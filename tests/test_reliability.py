@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_train
+from fakedata import write_cifar10_python
 
 from cvt_train import eval as eval_module
 from cvt_train import schema as schema_module
@@ -35,15 +37,21 @@ from cvt_train import train as train_module
 from cvt_train.engine import checkpoint as checkpoint_module
 from cvt_train.engine import trainer as trainer_module
 from cvt_train.errors import UserError
-from conftest import compose_train
-from fakedata import write_cifar10_python
 
 # 300 train / 100 test images, batch 50: 6 steps per epoch, 3 epochs.
 # trainer.device=cpu: bit-exact comparisons (resume, ranks, eval) hold on CPU; on CUDA, cuDNN's algorithm choice
 # and atomic adds change the last bits (README, Reproducibility)
-BASE = ["trainer.device=cpu",
-        "model=cvt_cifar_tiny", "data=cifar10", "trainer.progress=false", "trainer.precision=fp32",
-        "data.batch_size=50", "optim.lr=2e-3", "sched.warmup_epochs=0", "trainer.epochs=3"]
+BASE = [
+    "trainer.device=cpu",
+    "model=cvt_cifar_tiny",
+    "data=cifar10",
+    "trainer.progress=false",
+    "trainer.precision=fp32",
+    "data.batch_size=50",
+    "optim.lr=2e-3",
+    "sched.warmup_epochs=0",
+    "trainer.epochs=3",
+]
 METRIC_KEYS = ("top1", "top5", "loss", "best_top1", "epoch")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 for _key in ("HYDRA_FULL_ERROR", "CVT_DEBUG", "CVT_FAULT_INJECT"):
@@ -66,8 +74,13 @@ def start_training(args: list[str], run_dir: Path, fault: str | None = None) -> 
     """
     env = dict(ENV, CVT_FAULT_INJECT=f"kill_at={fault}") if fault else ENV
     out = open(f"{run_dir}.out", "a")
-    return subprocess.Popen([sys.executable, "-m", "cvt_train.train", *args, f"hydra.run.dir={run_dir}"],
-                            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cvt_train.train", *args, f"hydra.run.dir={run_dir}"],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def train_cli(args: list[str], run_dir: Path, fault: str | None = None, timeout: float = 300) -> tuple[int, str]:
@@ -75,7 +88,7 @@ def train_cli(args: list[str], run_dir: Path, fault: str | None = None, timeout:
     before = Path(f"{run_dir}.out").read_text() if Path(f"{run_dir}.out").exists() else ""
     proc = start_training(args, run_dir, fault)
     code = proc.wait(timeout=timeout)
-    return code, Path(f"{run_dir}.out").read_text()[len(before):]
+    return code, Path(f"{run_dir}.out").read_text()[len(before) :]
 
 
 def load(path: Path) -> dict:
@@ -208,7 +221,6 @@ def test_resume_from_every_epoch_boundary_with_accumulation(cifar, tmp_path, mon
 # In-process entry points: the user-facing line of `cvt-train` / `cvt-eval` without starting a Python each time
 
 
-
 def run_entry(module, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """Call a Hydra entry point (cvt_train.train.main / cvt_train.eval.main) as the console script would;
     returns (exit code, stderr)."""
@@ -262,24 +274,43 @@ def write_hostile(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_hostile_pickle_refused_and_runs_nothing(cifar, tmp_path, monkeypatch, capsys):
     zipped, legacy, marker = write_hostile(tmp_path)
     # the real console script, in its own process
-    proc = subprocess.run([sys.executable, "-m", "cvt_train.eval", f"ckpt={zipped}", f"hydra.run.dir={tmp_path / 'e'}"],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cvt_train.eval", f"ckpt={zipped}", f"hydra.run.dir={tmp_path / 'e'}"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert_one_line_error(proc.returncode, proc.stderr, str(zipped), "refused", "GLOBAL posix.system")
     # both files through both entry points (in-process: the same code path, much faster)
     for path in (zipped, legacy):
         code, err = run_entry(eval_module, [f"ckpt={path}", f"hydra.run.dir={tmp_path / 'e2'}"], monkeypatch, capsys)
         assert_one_line_error(code, err, str(path), "refused")
-        code, err = run_entry(train_module, [*overrides(cifar), f"trainer.resume={path}",
-                                             f"hydra.run.dir={tmp_path / 't'}"], monkeypatch, capsys)
+        code, err = run_entry(
+            train_module,
+            [*overrides(cifar), f"trainer.resume={path}", f"hydra.run.dir={tmp_path / 't'}"],
+            monkeypatch,
+            capsys,
+        )
         assert_one_line_error(code, err, str(path), "refused")
     assert not marker.exists() and not (tmp_path / "t" / "last.pt").exists()
 
 
 # Stored strings with 0 to 3 backslashes before `${` (an even number used to leave the interpolation live after
 # escaping), stray backslashes elsewhere, and text that only looks like an interpolation.
-BACKSLASHED = ["${oc.env:CVT_TEST_SECRET}", "\\${oc.env:CVT_TEST_SECRET}", "\\\\${cvt_test_touch:2}",
-               "\\\\\\${cvt_test_touch:3}", "a\\b\\${cvt_test_touch:4}\\", "\\$\\{x}\\", "$${cvt_test_touch:5}",
-               "\\${a}\\\\${oc.env:CVT_TEST_SECRET}${b}", "${unclosed", "x\\\\", "\\"]
+BACKSLASHED = [
+    "${oc.env:CVT_TEST_SECRET}",
+    "\\${oc.env:CVT_TEST_SECRET}",
+    "\\\\${cvt_test_touch:2}",
+    "\\\\\\${cvt_test_touch:3}",
+    "a\\b\\${cvt_test_touch:4}\\",
+    "\\$\\{x}\\",
+    "$${cvt_test_touch:5}",
+    "\\${a}\\\\${oc.env:CVT_TEST_SECRET}${b}",
+    "${unclosed",
+    "x\\\\",
+    "\\",
+]
 
 
 def register_touch_resolver(tmp_path: Path, monkeypatch) -> Path:
@@ -340,9 +371,17 @@ def test_stored_config_is_data_never_evaluated(cifar, reference, tmp_path, monke
         return real_build_data(cfg, *args, **kwargs)
 
     monkeypatch.setattr(cvt_train.data, "build_data", build_data)
-    code, err = run_entry(eval_module, [f"ckpt={tmp_path / 'crafted.pt'}", "eval.progress=false",
-                                        "trainer.precision=fp32", f"hydra.run.dir={tmp_path / 'eval'}"],
-                          monkeypatch, capsys)
+    code, err = run_entry(
+        eval_module,
+        [
+            f"ckpt={tmp_path / 'crafted.pt'}",
+            "eval.progress=false",
+            "trainer.precision=fp32",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["model"] == name  # the text, not the environment variable
@@ -352,9 +391,17 @@ def test_stored_config_is_data_never_evaluated(cifar, reference, tmp_path, monke
     assert not marker.exists()
 
     # trainer.resume: the stored config is only read (as a plain dict) to name what differs from this run
-    code, err = run_entry(train_module, [*overrides(cifar), "model.stages.2.depth=1",
-                                         f"trainer.resume={tmp_path / 'crafted.pt'}",
-                                         f"hydra.run.dir={tmp_path / 'resumed'}"], monkeypatch, capsys)
+    code, err = run_entry(
+        train_module,
+        [
+            *overrides(cifar),
+            "model.stages.2.depth=1",
+            f"trainer.resume={tmp_path / 'crafted.pt'}",
+            f"hydra.run.dir={tmp_path / 'resumed'}",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert_one_line_error(code, err, "does not fit this run", f"model.name={name!r} (now 'cvt_cifar_tiny')")
     assert "leaked" not in err and not marker.exists()
 
@@ -365,25 +412,33 @@ def broken_files(reference: Path, folder: Path) -> dict[str, tuple[Path, str]]:
 
     folder.mkdir(parents=True, exist_ok=True)
     data = (reference / "last.pt").read_bytes()
-    (folder / "half.pt").write_bytes(data[:len(data) // 2])
+    (folder / "half.pt").write_bytes(data[: len(data) // 2])
     (folder / "empty.pt").write_bytes(b"")
     (folder / "notes.pt").write_text("these are not weights\n")
     write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(folder / "image.pt"))
-    return {"truncated": (folder / "half.pt", "truncated or corrupt"), "empty": (folder / "empty.pt", "empty"),
-            "text": (folder / "notes.pt", "not a PyTorch checkpoint"),
-            "png": (folder / "image.pt", "not a PyTorch checkpoint (a PNG image)"),
-            "missing": (folder / "missing.pt", "not found")}
+    return {
+        "truncated": (folder / "half.pt", "truncated or corrupt"),
+        "empty": (folder / "empty.pt", "empty"),
+        "text": (folder / "notes.pt", "not a PyTorch checkpoint"),
+        "png": (folder / "image.pt", "not a PyTorch checkpoint (a PNG image)"),
+        "missing": (folder / "missing.pt", "not found"),
+    }
 
 
 def test_broken_checkpoint_files_get_one_line(cifar, reference, tmp_path, monkeypatch, capsys):
     for name, (path, expected) in broken_files(reference, tmp_path / "files").items():
-        code, err = run_entry(eval_module, [f"ckpt={path}", f"hydra.run.dir={tmp_path / 'e' / name}"],
-                              monkeypatch, capsys)
+        code, err = run_entry(
+            eval_module, [f"ckpt={path}", f"hydra.run.dir={tmp_path / 'e' / name}"], monkeypatch, capsys
+        )
         assert_one_line_error(code, err, str(path), expected)
         if name == "missing":  # trainer.resume checks the path before anything else, naming the key
             expected = "trainer.resume"
-        code, err = run_entry(train_module, [*overrides(cifar), f"trainer.resume={path}",
-                                             f"hydra.run.dir={tmp_path / 't' / name}"], monkeypatch, capsys)
+        code, err = run_entry(
+            train_module,
+            [*overrides(cifar), f"trainer.resume={path}", f"hydra.run.dir={tmp_path / 't' / name}"],
+            monkeypatch,
+            capsys,
+        )
         assert_one_line_error(code, err, str(path), expected)
         assert not (tmp_path / "t" / name / "last.pt").exists()
 
@@ -392,24 +447,43 @@ def test_truncated_last_pt_with_resume_auto(cifar, reference, tmp_path, monkeypa
     run = tmp_path / "run"
     run.mkdir()
     data = (reference / "last.pt").read_bytes()
-    (run / "last.pt").write_bytes(data[:len(data) // 2])
-    code, err = run_entry(train_module, [*overrides(cifar), "trainer.resume=auto", f"hydra.run.dir={run}"],
-                          monkeypatch, capsys)
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    code, err = run_entry(
+        train_module, [*overrides(cifar), "trainer.resume=auto", f"hydra.run.dir={run}"], monkeypatch, capsys
+    )
     assert_one_line_error(code, err, str(run / "last.pt"), "truncated or corrupt")
 
 
-@pytest.mark.parametrize("change,named", [("sched.warmup_epochs=2", "sched.warmup_epochs=0 (now 2)"),
-                                          ("model.stages.2.depth=1", "model.stages.2.depth=2 (now 1)")])
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ("sched.warmup_epochs=2", "sched.warmup_epochs=0 (now 2)"),
+        ("model.stages.2.depth=1", "model.stages.2.depth=2 (now 1)"),
+    ],
+)
 def test_resume_with_other_overrides_names_them(change, named, cifar, reference, tmp_path, monkeypatch, capsys):
-    code, err = run_entry(train_module, [*overrides(cifar), change, f"trainer.resume={reference / 'last.pt'}",
-                                         f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
-    assert_one_line_error(code, err, str(reference / "last.pt"), "does not fit this run", named,
-                          "resume with the overrides it was trained with")
+    code, err = run_entry(
+        train_module,
+        [*overrides(cifar), change, f"trainer.resume={reference / 'last.pt'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        monkeypatch,
+        capsys,
+    )
+    assert_one_line_error(
+        code,
+        err,
+        str(reference / "last.pt"),
+        "does not fit this run",
+        named,
+        "resume with the overrides it was trained with",
+    )
 
 
 def test_debug_flag_shows_the_traceback(cifar, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["cvt-train", *overrides(cifar), f"trainer.resume={tmp_path / 'nope.pt'}",
-                                      f"hydra.run.dir={tmp_path / 'run'}"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["cvt-train", *overrides(cifar), f"trainer.resume={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path / 'run'}"],
+    )
     monkeypatch.setenv("CVT_DEBUG", "1")
     with pytest.raises(SystemExit):
         train_module.main()
@@ -421,58 +495,75 @@ def test_debug_flag_shows_the_traceback(cifar, tmp_path, monkeypatch, capsys):
 # Bad overrides: one line naming the key, before any data is read; nothing written
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["trainer.epochs=abc"], "trainer.epochs='abc': expected an integer >= 1"),
-    (["data.batch_size=0"], "data.batch_size=0: expected an integer >= 1"),
-    (["optim.lr=fast"], "optim.lr='fast': expected a number >= 0 or null"),
-    (["trainer.progress=maybe"], "trainer.progress='maybe': expected true or false"),
-    (["trainer.device=gpu"], "trainer.device='gpu'"),
-    (["trainer.precision=fp8"], "trainer.precision"),
-    (["model.num_classes=100"], "model.num_classes=100 does not match data.num_classes=10"),
-    (["model.stages.0.embed=patch", "model.stages.0.patch_stride=64"], "model.stages.0.patch_stride"),
-    (["model.stages.1.num_heads=3"], "model.stages.1.num_heads"),
-    (["trainer.resume=/no/such/last.pt"], "trainer.resume: /no/such/last.pt does not exist"),
-    (["data=folder"], "data.num_classes is not set; set data.num_classes="),  # `???` in data/folder.yaml
-    # before: ValueError / TypeError tracebacks, silently accepted values, or an error only after the data was read
-    (["data.val_split=abc"], "data.val_split='abc': expected a number in [0, 1) or null (0 validates on the"),
-    (["data.val_split=1"], "data.val_split=1: expected a number in [0, 1)"),
-    (["optim.betas=abc"], "optim.betas='abc': expected two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]"),
-    (["optim.betas=[0.9]"], "optim.betas=[0.9]: expected two numbers in [0, 1)"),
-    (["optim=sgd", "optim.momentum=abc"], "optim.momentum='abc': expected a number >= 0"),
-    (["optim=sgd", "optim.momentum=0"], "optim.nesterov=true needs optim.momentum > 0"),
-    (["trainer.profile=maybe"], "trainer.profile='maybe': expected true or false"),
-    (["data.skip_corrupt=maybe"], "data.skip_corrupt='maybe': expected true or false"),
-    (["trainer.ema.decay=5"], "trainer.ema.decay=5: expected a number in [0, 1) (e.g. 0.9998"),
-    (["sched.name=foo"], "sched.name='foo': unknown schedule; choose one of cosine, constant (e.g. sched=cosine)"),
-    (["optim.name=bar"], "optim.name='bar': unknown optimizer; choose one of adamw, sgd (e.g. optim=adamw)"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["trainer.epochs=abc"], "trainer.epochs='abc': expected an integer >= 1"),
+        (["data.batch_size=0"], "data.batch_size=0: expected an integer >= 1"),
+        (["optim.lr=fast"], "optim.lr='fast': expected a number >= 0 or null"),
+        (["trainer.progress=maybe"], "trainer.progress='maybe': expected true or false"),
+        (["trainer.device=gpu"], "trainer.device='gpu'"),
+        (["trainer.precision=fp8"], "trainer.precision"),
+        (["model.num_classes=100"], "model.num_classes=100 does not match data.num_classes=10"),
+        (["model.stages.0.embed=patch", "model.stages.0.patch_stride=64"], "model.stages.0.patch_stride"),
+        (["model.stages.1.num_heads=3"], "model.stages.1.num_heads"),
+        (["trainer.resume=/no/such/last.pt"], "trainer.resume: /no/such/last.pt does not exist"),
+        (["data=folder"], "data.num_classes is not set; set data.num_classes="),  # `???` in data/folder.yaml
+        # before: ValueError / TypeError tracebacks, silently accepted values, or an error only after the data was read
+        (["data.val_split=abc"], "data.val_split='abc': expected a number in [0, 1) or null (0 validates on the"),
+        (["data.val_split=1"], "data.val_split=1: expected a number in [0, 1)"),
+        (["optim.betas=abc"], "optim.betas='abc': expected two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]"),
+        (["optim.betas=[0.9]"], "optim.betas=[0.9]: expected two numbers in [0, 1)"),
+        (["optim=sgd", "optim.momentum=abc"], "optim.momentum='abc': expected a number >= 0"),
+        (["optim=sgd", "optim.momentum=0"], "optim.nesterov=true needs optim.momentum > 0"),
+        (["trainer.profile=maybe"], "trainer.profile='maybe': expected true or false"),
+        (["data.skip_corrupt=maybe"], "data.skip_corrupt='maybe': expected true or false"),
+        (["trainer.ema.decay=5"], "trainer.ema.decay=5: expected a number in [0, 1) (e.g. 0.9998"),
+        (["sched.name=foo"], "sched.name='foo': unknown schedule; choose one of cosine, constant (e.g. sched=cosine)"),
+        (["optim.name=bar"], "optim.name='bar': unknown optimizer; choose one of adamw, sgd (e.g. optim=adamw)"),
+    ],
+)
 def test_bad_override_one_line_naming_the_key(args, expected, tmp_path, monkeypatch, capsys):
     # data.root does not exist: an error about it would mean data was read before the config was checked
     base = [a for a in BASE if not (a.startswith("data=") and any(x.startswith("data=") for x in args))]
     run = tmp_path / "run"
-    code, err = run_entry(train_module, [*base, f"data.root={tmp_path / 'no-data'}", *args, f"hydra.run.dir={run}"],
-                          monkeypatch, capsys)
+    code, err = run_entry(
+        train_module, [*base, f"data.root={tmp_path / 'no-data'}", *args, f"hydra.run.dir={run}"], monkeypatch, capsys
+    )
     assert_one_line_error(code, err, expected)
     assert not (run / "last.pt").exists() and not (run / "tb").exists()
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["data.val_split=abc"], "data.val_split='abc': expected a number in [0, 1) or null"),
-    (["data.skip_corrupt=maybe"], "data.skip_corrupt='maybe': expected true or false"),
-    (["eval.batch_size=abc"], "eval.batch_size='abc': expected an integer >= 1 or null"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["data.val_split=abc"], "data.val_split='abc': expected a number in [0, 1) or null"),
+        (["data.skip_corrupt=maybe"], "data.skip_corrupt='maybe': expected true or false"),
+        (["eval.batch_size=abc"], "eval.batch_size='abc': expected an integer >= 1 or null"),
+    ],
+)
 def test_eval_bad_override_one_line_naming_the_key(args, expected, reference, tmp_path, monkeypatch, capsys):
     """cvt-eval checks the data keys of the config it evaluates with (the checkpoint's, under the overrides)."""
-    code, err = run_entry(eval_module, [f"ckpt={reference / 'last.pt'}", f"data.root={tmp_path / 'no-data'}", *args,
-                                        f"hydra.run.dir={tmp_path / 'eval'}"], monkeypatch, capsys)
+    code, err = run_entry(
+        eval_module,
+        [
+            f"ckpt={reference / 'last.pt'}",
+            f"data.root={tmp_path / 'no-data'}",
+            *args,
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert_one_line_error(code, err, expected)
     assert not (tmp_path / "eval" / "eval.json").exists()
 
 
 def test_unknown_key_is_one_line(tmp_path, monkeypatch, capsys):
     """Hydra's strict mode finds it; cli.check_overrides reports it in one line before Hydra starts."""
-    code, err = run_entry(train_module, [*BASE, "trainer.epoch=3", f"hydra.run.dir={tmp_path / 'run'}"],
-                          monkeypatch, capsys)
+    code, err = run_entry(
+        train_module, [*BASE, "trainer.epoch=3", f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys
+    )
     assert code == 2 and err.strip().startswith("error: trainer.epoch: unknown key; known keys: accum_steps, ")
     assert len(err.strip().splitlines()) == 1 and " epochs, " in err
     assert not (tmp_path / "run").exists()
@@ -520,11 +611,29 @@ def test_disk_full_one_line_previous_checkpoint_intact(cifar, reference, tmp_pat
 
     run = copy_run(reference, tmp_path / "run")
     before = {name: sha(run / name) for name in ("last.pt", "best.pt")}
-    proc = subprocess.run([sys.executable, "-m", "cvt_train.train", *overrides(cifar), "trainer.epochs=4",
-                           "trainer.resume=auto", f"hydra.run.dir={run}"], capture_output=True, text=True, env=ENV,
-                          preexec_fn=small_files, timeout=300)
-    assert_one_line_error(proc.returncode, proc.stderr, "could not write checkpoint", "free disk space",
-                          "the previous checkpoint is intact")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cvt_train.train",
+            *overrides(cifar),
+            "trainer.epochs=4",
+            "trainer.resume=auto",
+            f"hydra.run.dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        preexec_fn=small_files,
+        timeout=300,
+    )
+    assert_one_line_error(
+        proc.returncode,
+        proc.stderr,
+        "could not write checkpoint",
+        "free disk space",
+        "the previous checkpoint is intact",
+    )
     assert {name: sha(run / name) for name in ("last.pt", "best.pt")} == before
     assert not list(run.glob(".*.tmp"))
 
@@ -542,6 +651,7 @@ def test_unwritable_output_previous_checkpoint_intact(fault, cifar, reference, t
             if ".pt." in prefix:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             return real_mkstemp(*args, prefix=prefix, **kwargs)
+
         monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", refuse)
     else:
         real_save = torch.save
@@ -550,6 +660,7 @@ def test_unwritable_output_previous_checkpoint_intact(fault, cifar, reference, t
             real_save(obj, f)
             f.truncate(f.tell() // 2)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
         monkeypatch.setattr(checkpoint_module.torch, "save", half_then_enospc)
     try:
         with pytest.raises(UserError) as e:
@@ -612,10 +723,14 @@ def test_nonfinite_loss_stops_after_k_steps_keeping_last_good(precision, cifar, 
     nan_loss_from(monkeypatch, lambda n: n >= 8)
     saved = record_saves(monkeypatch)
     run = tmp_path / "run"
-    with pytest.raises(UserError, match=r"training diverged: non-finite loss for 3 consecutive steps "
-                                        r"\(epoch 2, step 4\).*last good checkpoint.*last.pt.*is intact") as e:
-        trainer_module.train(compose_train(overrides(cifar, 0, f"trainer.precision={precision}",
-                                                     "trainer.max_nonfinite=3")), run)
+    with pytest.raises(
+        UserError,
+        match=r"training diverged: non-finite loss for 3 consecutive steps "
+        r"\(epoch 2, step 4\).*last good checkpoint.*last.pt.*is intact",
+    ) as e:
+        trainer_module.train(
+            compose_train(overrides(cifar, 0, f"trainer.precision={precision}", "trainer.max_nonfinite=3")), run
+        )
     assert "\n" not in str(e.value)
     assert set(saved) == {"last.pt", "best.pt"} and load(run / "last.pt")["epoch"] == 1
     for name, digest in saved.items():
@@ -626,6 +741,7 @@ def test_nonfinite_loss_stops_after_k_steps_keeping_last_good(precision, cifar, 
 def test_nonfinite_weights_never_saved(cifar, tmp_path, monkeypatch):
     """BatchNorm running statistics that went NaN while every loss stayed finite (K is never reached): the run
     stops at the end of the epoch instead of evaluating and saving them over the epoch-1 checkpoints."""
+
     def poison(model):
         bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         bn.running_var.data.fill_(float("nan"))  # .data: autograd saved this tensor for the backward pass
@@ -633,8 +749,11 @@ def test_nonfinite_weights_never_saved(cifar, tmp_path, monkeypatch):
     nan_loss_from(monkeypatch, lambda n: n == 9, poison=poison)
     saved = record_saves(monkeypatch)
     run = tmp_path / "run"
-    with pytest.raises(UserError, match=r"training diverged: .*running_var holds NaN/inf after epoch 2; "
-                                        r"the last good checkpoint.*is intact"):
+    with pytest.raises(
+        UserError,
+        match=r"training diverged: .*running_var holds NaN/inf after epoch 2; "
+        r"the last good checkpoint.*is intact",
+    ):
         trainer_module.train(compose_train(overrides(cifar)), run)
     assert load(run / "last.pt")["epoch"] == 1 and sha(run / "last.pt") == saved["last.pt"]
     assert json.loads((run / "metrics.json").read_text())["epoch"] == 1
@@ -643,8 +762,12 @@ def test_nonfinite_weights_never_saved(cifar, tmp_path, monkeypatch):
 
 def test_diverging_run_cli_one_line_nothing_saved(cifar, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    code, err = run_entry(train_module, [*overrides(cifar), "optim.lr=1e30", "trainer.max_nonfinite=3",
-                                         f"hydra.run.dir={run}"], monkeypatch, capsys)
+    code, err = run_entry(
+        train_module,
+        [*overrides(cifar), "optim.lr=1e30", "trainer.max_nonfinite=3", f"hydra.run.dir={run}"],
+        monkeypatch,
+        capsys,
+    )
     assert_one_line_error(code, err, "training diverged", "no checkpoint was written", "lower optim.lr")
     assert not (run / "last.pt").exists()
 
@@ -654,9 +777,20 @@ def test_fp16_grad_scaler_skips_nonfinite_steps(cifar, tmp_path, monkeypatch):
     scale each time, and the run goes on."""
     nan_loss_from(monkeypatch, lambda n: n in (3, 4))
     run = tmp_path / "run"
-    trainer_module.train(compose_train(overrides(cifar, 0, "trainer.precision=fp16", "trainer.epochs=1",
-                                                 "trainer.max_steps_per_epoch=5", "data.batch_size=10",
-                                                 "data.val_subset=20")), run)
+    trainer_module.train(
+        compose_train(
+            overrides(
+                cifar,
+                0,
+                "trainer.precision=fp16",
+                "trainer.epochs=1",
+                "trainer.max_steps_per_epoch=5",
+                "data.batch_size=10",
+                "data.val_subset=20",
+            )
+        ),
+        run,
+    )
     ckpt = load(run / "last.pt")
-    assert ckpt["scaler"]["scale"] == 2.0 ** 16 / 4 and ckpt["global_step"] == 5
+    assert ckpt["scaler"]["scale"] == 2.0**16 / 4 and ckpt["global_step"] == 5
     assert_finite_checkpoint(run / "last.pt")

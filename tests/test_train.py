@@ -10,24 +10,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_train
+from fakedata import write_cifar10_python, write_image_folder
 
 from cvt_train.engine import trainer as trainer_module
 from cvt_train.engine.trainer import train
 from cvt_train.errors import UserError
-from conftest import compose_train
-from fakedata import write_cifar10_python, write_image_folder
 
 # trainer.device=cpu: bit-exact comparisons (resume, ranks, eval) hold on CPU; on CUDA, cuDNN's algorithm choice
 # and atomic adds change the last bits (README, Reproducibility)
-FAST = ["trainer.device=cpu",
-        "model=cvt_cifar_tiny", "trainer.progress=false", "data.num_workers=0", "data.batch_size=50",
-        "optim.lr=2e-3", "sched.warmup_epochs=0"]
-
+FAST = [
+    "trainer.device=cpu",
+    "model=cvt_cifar_tiny",
+    "trainer.progress=false",
+    "data.num_workers=0",
+    "data.batch_size=50",
+    "optim.lr=2e-3",
+    "sched.warmup_epochs=0",
+]
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "cvt_train.train", timeout: int = 600, env=None):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +52,9 @@ def test_learns_far_above_chance_on_unseen_data(layout, tmp_path, cifar_py):
         root = cifar_py
     else:
         root = write_image_folder(tmp_path / "folder", {"train": 400, "test": 200})
-    cfg = compose_train([*FAST, "data=cifar10", f"data.root={root}", "trainer.epochs=3",
-                         f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = compose_train(
+        [*FAST, "data=cifar10", f"data.root={root}", "trainer.epochs=3", f"data.cache_dir={tmp_path / 'cache'}"]
+    )
     best = train(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["images"] == 200  # the held-out test split, each image once
@@ -64,12 +76,24 @@ def _stop_at(monkeypatch, global_step: int):
     monkeypatch.setattr(trainer_module.StopRequest, "requested", requested)
 
 
-@pytest.mark.parametrize("stop_step,extra", [(10, []), (7, ["trainer.ema.enabled=true", "trainer.accum_steps=1",
-                                                            "aug.mixup_alpha=0.8", "aug.cutmix_alpha=1.0"])])
+@pytest.mark.parametrize(
+    "stop_step,extra",
+    [
+        (10, []),
+        (7, ["trainer.ema.enabled=true", "trainer.accum_steps=1", "aug.mixup_alpha=0.8", "aug.cutmix_alpha=1.0"]),
+    ],
+)
 def test_resume_equals_uninterrupted(stop_step, extra, tmp_path, cifar_py, monkeypatch):
     """10 optimizer steps per epoch: stopping after 10 is the end of an epoch before its evaluation, 7 mid-epoch."""
-    overrides = [*FAST, "data=cifar10", f"data.root={cifar_py}", "trainer.epochs=3", "trainer.precision=fp32",
-                 "model.stages.2.drop_path_rate=0.2", *extra]
+    overrides = [
+        *FAST,
+        "data=cifar10",
+        f"data.root={cifar_py}",
+        "trainer.epochs=3",
+        "trainer.precision=fp32",
+        "model.stages.2.drop_path_rate=0.2",
+        *extra,
+    ]
     train(compose_train(overrides), tmp_path / "full")
 
     with monkeypatch.context() as m:
@@ -86,22 +110,35 @@ def test_resume_equals_uninterrupted(stop_step, extra, tmp_path, cifar_py, monke
             for name, tensor in full[key].items():
                 assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
     for name in ("top1", "top5", "loss", "best_top1"):
-        assert json.loads((tmp_path / "full" / "metrics.json").read_text())[name] == \
-               json.loads((tmp_path / "cut" / "metrics.json").read_text())[name]
+        assert (
+            json.loads((tmp_path / "full" / "metrics.json").read_text())[name]
+            == json.loads((tmp_path / "cut" / "metrics.json").read_text())[name]
+        )
 
 
 @pytest.mark.parametrize("fmt,file_classes", [("official", 1000), ("hf", 10)])
 def test_init_from_loads_weights_and_swaps_a_foreign_head(fmt, file_classes, tmp_path, cifar_py, caplog):
     """trainer.init_from: every weight of the file is where training starts (lr 0 keeps it there); a head for
     another class count is replaced by a fresh one."""
+    from conftest import randomize
+
     from cvt_train import create_model
     from cvt_train.models.convert import to_format
-    from conftest import randomize
 
     source = randomize(create_model("cvt_cifar_tiny", num_classes=file_classes), seed=3)
     torch.save(to_format(source.state_dict(), fmt), tmp_path / "weights.pth")
-    cfg = compose_train([*FAST, "data=cifar10", f"data.root={cifar_py}", "trainer.epochs=1", "optim.lr=0", "sched=constant",
-                         "trainer.max_steps_per_epoch=2", f"trainer.init_from={tmp_path / 'weights.pth'}"])
+    cfg = compose_train(
+        [
+            *FAST,
+            "data=cifar10",
+            f"data.root={cifar_py}",
+            "trainer.epochs=1",
+            "optim.lr=0",
+            "sched=constant",
+            "trainer.max_steps_per_epoch=2",
+            f"trainer.init_from={tmp_path / 'weights.pth'}",
+        ]
+    )
     with caplog.at_level("INFO", logger="cvt_train"):
         train(cfg, tmp_path / "run")
     trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
@@ -127,8 +164,18 @@ def test_init_from_of_another_model_names_the_key(tmp_path, cifar_py):
 
 def test_sweep_writes_every_run_and_a_summary(tmp_path, cifar_py):
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", *FAST, "data=cifar10", f"data.root={cifar_py}", "trainer.epochs=1",
-                      "model.stages.0.patch_stride=1,2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "-m",
+            *FAST,
+            "data=cifar10",
+            f"data.root={cifar_py}",
+            "trainer.epochs=1",
+            "model.stages.0.patch_stride=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
         assert (sweep / job / "metrics.json").is_file() and (sweep / job / "last.pt").is_file()
@@ -143,11 +190,26 @@ def test_torchrun_two_processes_match_single_process_eval(tmp_path, cifar_py):
     """Run as a (one-job) sweep, which is where rank 1 used to write Hydra's files into the working dir."""
     sweep = tmp_path / "ddp"
     run_dir = sweep / "0"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
-           "-m", "cvt_train.train", "-m", *FAST, "data=cifar10", f"data.root={cifar_py}", "trainer.epochs=2",
-           "trainer.precision=fp32", "trainer.device=cpu", f"hydra.sweep.dir={sweep}"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29731",
+        "-m",
+        "cvt_train.train",
+        "-m",
+        *FAST,
+        "data=cifar10",
+        f"data.root={cifar_py}",
+        "trainer.epochs=2",
+        "trainer.precision=fp32",
+        "trainer.device=cpu",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    result = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # rank 1 wrote nothing here
     assert {"0", "multirun.yaml", "summary.md", "summary.csv"} <= {p.name for p in sweep.iterdir()}
@@ -156,8 +218,16 @@ def test_torchrun_two_processes_match_single_process_eval(tmp_path, cifar_py):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["images"] == 200
 
-    evaluated = run_cli([f"ckpt={run_dir / 'last.pt'}", "trainer.precision=fp32", "eval.progress=false",
-                         f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path, module="cvt_train.eval")
+    evaluated = run_cli(
+        [
+            f"ckpt={run_dir / 'last.pt'}",
+            "trainer.precision=fp32",
+            "eval.progress=false",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        cwd=tmp_path,
+        module="cvt_train.eval",
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     single = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert single["images"] == 200 and single["top1"] == metrics["top1"] and single["top5"] == metrics["top5"]
@@ -168,13 +238,25 @@ def test_torchrun_two_processes_match_single_process_eval(tmp_path, cifar_py):
 JPEG_ROOT = Path(os.environ.get("CVT_CIFAR10_JPEG", "/tmp/cifar10"))  # ../shared/data/README: where it is unpacked
 
 
-@pytest.mark.skipif(not (JPEG_ROOT / "train").is_dir(), reason=f"no CIFAR-10 JPEGs at {JPEG_ROOT} (set CVT_CIFAR10_JPEG)")
+@pytest.mark.skipif(
+    not (JPEG_ROOT / "train").is_dir(), reason=f"no CIFAR-10 JPEGs at {JPEG_ROOT} (set CVT_CIFAR10_JPEG)"
+)
 def test_cifar10_jpeg_training_images_with_a_held_out_split(tmp_path):
     """The README's command on the 50,000 training JPEGs (a few steps): a fixed 45,000 / 5,000 split."""
     run_dir = tmp_path / "run"
-    result = run_cli(["model=cvt13", "data=cifar10", f"data.root={JPEG_ROOT}", "data.val_split=0.1",
-                      "trainer.epochs=1", "trainer.max_steps_per_epoch=5", "data.val_subset=512",
-                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "model=cvt13",
+            "data=cifar10",
+            f"data.root={JPEG_ROOT}",
+            "data.val_split=0.1",
+            "trainer.epochs=1",
+            "trainer.max_steps_per_epoch=5",
+            "data.val_subset=512",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "45000 train / 512 val images, 10 classes" in (run_dir / "train.log").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -27,7 +27,8 @@ import os
 import signal
 import threading
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +38,17 @@ from torchvision.transforms import v2
 
 from ..errors import UserError
 from .sources import CorruptImage, Source, Split, decode_file, load_source
-from .transforms import (AugConfig, Mixer, aug_config, batch_crop_flip, eval_sample_transform, normalize_batch,
-                         photometric, resize_batch, train_sample_transform)
+from .transforms import (
+    AugConfig,
+    Mixer,
+    aug_config,
+    batch_crop_flip,
+    eval_sample_transform,
+    normalize_batch,
+    photometric,
+    resize_batch,
+    train_sample_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,7 @@ def _seed_cpu(seed: int) -> None:
 
 class EpochOrder:
     """Which dataset indices rank `rank` trains on at each step of an epoch (drop_last)."""
+
     # hand-written, not DistributedSampler: exact resume needs batch `step` without replaying the earlier ones
 
     def __init__(self, indices: torch.Tensor, seed: int, rank: int, world_size: int, batch_size: int):
@@ -94,17 +105,18 @@ class EpochOrder:
         if self._cache is None or self._cache[0] != epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, TAG_ORDER))
             perm = torch.randperm(len(self.indices), generator=g)
-            mine = self.indices[perm[self.rank::self.world_size][: self.steps * self.batch_size]]
+            mine = self.indices[perm[self.rank :: self.world_size][: self.steps * self.batch_size]]
             self._cache = (epoch, mine)
         return self._cache[1]
 
     def batch(self, epoch: int, step: int) -> torch.Tensor:
-        return self.rank_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+        return self.rank_order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
 
 
 class _Steps:
     """Sampler over the steps of one epoch: yields (epoch, step) (in-memory) or lists of (epoch, step, index)
     (streamed). Mutable (epoch, start_step) so one DataLoader with persistent workers serves every epoch."""
+
     # hand-written: torch's samplers cannot start mid-epoch (exact resume) nor hand (epoch, step) keys to the workers
 
     def __init__(self, order: EpochOrder, per_sample: bool):
@@ -129,16 +141,24 @@ class _Steps:
 class _MemoryTrain(Dataset):
     """Item (epoch, step) -> one augmented batch (images float32 normalised, targets, faults=[])."""
 
-    def __init__(self, split: Split, order: EpochOrder, a: AugConfig, image_size: int, mean, std, num_classes: int,
-                 seed: int):
+    def __init__(
+        self, split: Split, order: EpochOrder, a: AugConfig, image_size: int, mean, std, num_classes: int, seed: int
+    ):
         self.images, self.labels, self.order, self.a = split.images, split.labels, order, a
         self.image_size, self.seed = image_size, seed
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
         pre = []
         if a.crop == "random_resized":  # size-changing crop: per sample (v2), before the photometric policy
-            pre.append(v2.RandomResizedCrop(image_size, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio),
-                                            interpolation=a.interp, antialias=True))
+            pre.append(
+                v2.RandomResizedCrop(
+                    image_size,
+                    scale=tuple(a.crop_scale),
+                    ratio=tuple(a.crop_ratio),
+                    interpolation=a.interp,
+                    antialias=True,
+                )
+            )
             if a.hflip > 0:
                 pre.append(v2.RandomHorizontalFlip(a.hflip))
         pre += photometric(a, mean)
@@ -155,7 +175,7 @@ class _MemoryTrain(Dataset):
 
     def _make(self, epoch: int, step: int):
         idx = self.order.batch(epoch, step)
-        x, y = self.images[idx], self.labels[idx]               # uint8 (B, 3, h, w), (B,)
+        x, y = self.images[idx], self.labels[idx]  # uint8 (B, 3, h, w), (B,)
         a, rank = self.a, self.order.rank
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, TAG_BATCH, rank, step))
         if a.crop != "random_resized" and (a.hflip > 0 or (a.crop == "pad_crop" and a.crop_padding > 0)):
@@ -239,8 +259,15 @@ class _Collate:
 class Data:
     """Train / val batches for one rank. See build_data."""
 
-    def __init__(self, cfg: Any, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 train: bool = True, eval_on_train: bool = False):
+    def __init__(
+        self,
+        cfg: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        train: bool = True,
+        eval_on_train: bool = False,
+    ):
         dcfg = {k: OmegaConf.select(cfg.data, k) for k in cfg.data}  # plain values; an unset `???` reads as None
         self.aug = aug_config(cfg.get("aug"))
         trainer = cfg.get("trainer") or {}
@@ -258,7 +285,9 @@ class Data:
             raise UserError(f"rank {self.rank} is outside world_size {self.world_size}")
 
         self.has_train = bool(train)
-        src: Source = load_source(dcfg, need_val=val_split == 0, need_train=self.has_train or val_split > 0 or eval_on_train)
+        src: Source = load_source(
+            dcfg, need_val=val_split == 0, need_train=self.has_train or val_split > 0 or eval_on_train
+        )
         if self.name == "digits" and val_split == 0:
             raise UserError("data.val_split=0: the digits set has no test split; set data.val_split=0.2")
         self.description = src.description
@@ -267,12 +296,16 @@ class Data:
         self.num_classes = len(self.classes)
         want = dcfg.get("num_classes")
         if want is None:
-            raise UserError(f"data.num_classes is not set; {src.description} has {self.num_classes} classes: set "
-                            f"data.num_classes={self.num_classes}")
+            raise UserError(
+                f"data.num_classes is not set; {src.description} has {self.num_classes} classes: set "
+                f"data.num_classes={self.num_classes}"
+            )
         if isinstance(want, bool) or not isinstance(want, int) or want != self.num_classes:
-            raise UserError(f"data.num_classes={want} but {src.description} has {self.num_classes} classes "
-                            f"({', '.join(self.classes[:5])}{', ...' if self.num_classes > 5 else ''}); "
-                            f"set data.num_classes={self.num_classes}")
+            raise UserError(
+                f"data.num_classes={want} but {src.description} has {self.num_classes} classes "
+                f"({', '.join(self.classes[:5])}{', ...' if self.num_classes > 5 else ''}); "
+                f"set data.num_classes={self.num_classes}"
+            )
         self.skipped = list(train.skipped) + (list(val.skipped) if val is not None else [])
 
         # --- which indices train and validate (fixed seed, independent of trainer.seed)
@@ -298,11 +331,13 @@ class Data:
         self.order = EpochOrder(train_idx, self.seed, self.rank, self.world_size, self.batch_size)
         self.steps_per_epoch = self.order.steps
         if self.steps_per_epoch == 0 and self.has_train:
-            raise UserError(f"data.batch_size={self.batch_size}: larger than the {self.num_train // self.world_size} "
-                            f"training images per rank ({self.num_train} over {self.world_size} rank(s)); lower "
-                            "data.batch_size or raise data.train_subset")
+            raise UserError(
+                f"data.batch_size={self.batch_size}: larger than the {self.num_train // self.world_size} "
+                f"training images per rank ({self.num_train} over {self.world_size} rank(s)); lower "
+                "data.batch_size or raise data.train_subset"
+            )
         lo, hi = self.rank * self.num_val // self.world_size, (self.rank + 1) * self.num_val // self.world_size
-        self.val_local = val_idx[lo:hi]     # this rank's disjoint shard: shards cover the val set exactly once
+        self.val_local = val_idx[lo:hi]  # this rank's disjoint shard: shards cover the val set exactly once
         self.val_steps = math.ceil(len(self.val_local) / self.batch_size)
         self.in_memory = train.images is not None
         self.soft_targets = self.aug.mixing
@@ -317,14 +352,22 @@ class Data:
 
     def _loader(self, dataset, **kw) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(dataset, num_workers=workers, pin_memory=self._pin, persistent_workers=workers > 0,
-                          generator=torch.Generator(), worker_init_fn=_worker_signals if workers else None, **kw)
+        return DataLoader(
+            dataset,
+            num_workers=workers,
+            pin_memory=self._pin,
+            persistent_workers=workers > 0,
+            generator=torch.Generator(),
+            worker_init_fn=_worker_signals if workers else None,
+            **kw,
+        )
 
     def _make_train_loader(self) -> DataLoader:
         a = self.aug
         if self.in_memory:
-            ds = _MemoryTrain(self._train, self.order, a, self.image_size, self.mean, self.std, self.num_classes,
-                              self.seed)
+            ds = _MemoryTrain(
+                self._train, self.order, a, self.image_size, self.mean, self.std, self.num_classes, self.seed
+            )
             return self._loader(ds, sampler=self._sampler, batch_size=None)
         ds = _FileSamples(self._train, train_sample_transform(a, self.image_size, self.mean, self.std), self.seed)
         collate = _Collate(Mixer(a, self.num_classes) if a.mixing else None, self.seed, self.rank)
@@ -332,8 +375,9 @@ class Data:
 
     def _make_val_loader(self) -> DataLoader:
         ds = _FileSamples(self._val, eval_sample_transform(self.aug, self.image_size, self.mean, self.std), None)
-        chunks = [self.val_local[k:k + self.batch_size].tolist() for k in range(0, len(self.val_local),
-                                                                                  self.batch_size)]
+        chunks = [
+            self.val_local[k : k + self.batch_size].tolist() for k in range(0, len(self.val_local), self.batch_size)
+        ]
         return self._loader(ds, batch_sampler=chunks, collate_fn=_Collate(None, 0, self.rank))
 
     # --- iteration
@@ -343,8 +387,10 @@ class Data:
         if self._train_loader is None:
             raise RuntimeError("this Data was built with train=False (evaluation only)")
         if not 0 <= start_step <= self.steps_per_epoch:
-            raise UserError(f"start_step={start_step} is outside 0..{self.steps_per_epoch} steps of an epoch; the "
-                            "checkpoint was made with another data.batch_size, data.train_subset or world size")
+            raise UserError(
+                f"start_step={start_step} is outside 0..{self.steps_per_epoch} steps of an epoch; the "
+                "checkpoint was made with another data.batch_size, data.train_subset or world size"
+            )
         self._sampler.epoch, self._sampler.start = int(epoch), int(start_step)
         yield from self._run(self._train_loader)
 
@@ -357,7 +403,7 @@ class Data:
         mean = torch.tensor(self.mean).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.std).view(1, 3, 1, 1) * 255
         for k in range(0, len(self.val_local), self.batch_size):
-            idx = self.val_local[k:k + self.batch_size]
+            idx = self.val_local[k : k + self.batch_size]
             with _one_thread():
                 x = normalize_batch(resize_batch(images[idx], self.image_size, a.eval_crop_ratio, a.interp), mean, std)
             yield self._to_device(x), self._to_device(labels[idx])
@@ -371,8 +417,9 @@ class Data:
         if not faults:
             return
         if not self.skip_corrupt:
-            raise UserError(f"{faults[0]}; delete or replace the file, or set data.skip_corrupt=true to skip such "
-                            "files")
+            raise UserError(
+                f"{faults[0]}; delete or replace the file, or set data.skip_corrupt=true to skip such files"
+            )
         for f in faults:
             if f not in self._warned:
                 self._warned.add(f)
@@ -399,9 +446,11 @@ class Data:
                 _stop_workers(loader)
 
     def __repr__(self) -> str:
-        return (f"Data({self.description}: {self.num_classes} classes, {self.num_train} train / {self.num_val} val "
-                f"images, {self.steps_per_epoch} steps/epoch of {self.batch_size} on rank {self.rank}/"
-                f"{self.world_size}, {'in memory' if self.in_memory else 'streamed'}, aug={self.aug.name})")
+        return (
+            f"Data({self.description}: {self.num_classes} classes, {self.num_train} train / {self.num_val} val "
+            f"images, {self.steps_per_epoch} steps/epoch of {self.batch_size} on rank {self.rank}/"
+            f"{self.world_size}, {'in memory' if self.in_memory else 'streamed'}, aug={self.aug.name})"
+        )
 
 
 def _worker_signals(_worker_id: int) -> None:  # hand-written: torch has no option to keep workers out of signals
@@ -435,8 +484,14 @@ def _stop_workers(loader: DataLoader) -> None:  # hand-written: DataLoader has n
     loader._iterator = None
 
 
-def build_data(cfg: Any, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-               train: bool = True, eval_on_train: bool = False) -> Data:
+def build_data(
+    cfg: Any,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    train: bool = True,
+    eval_on_train: bool = False,
+) -> Data:
     """Everything the trainer needs from cfg.data / cfg.aug / cfg.trainer.seed (the whole composed config, checked
     by its app's validate: the values are trusted here, and only what needs the data itself is checked).
 

@@ -22,9 +22,10 @@ import os
 import pickle
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,16 +35,23 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec; they work and are the fast path here
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # torchvision's list lacks GIF, which decode_file reads (torchvision.io)
 ASSETS = Path(__file__).resolve().parent / "assets"
 CACHE_VERSION = 1
 
 CIFAR = {  # name: (folder, train files, test files, meta file, label key, class-name key)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
-                "labels", "label_names"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "labels",
+        "label_names",
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
 }
 
@@ -51,10 +59,11 @@ CIFAR = {  # name: (folder, train files, test files, meta file, label key, class
 @dataclass
 class Split:
     """One split: labels plus either decoded images (uint8 (N, 3, H, W)) or file paths to decode later."""
+
     classes: list[str]
-    labels: torch.Tensor                   # int64 (N,)
-    images: torch.Tensor | None = None     # uint8 (N, 3, H, W) when in memory
-    paths: list[str] | None = None         # when decoded on the fly
+    labels: torch.Tensor  # int64 (N,)
+    images: torch.Tensor | None = None  # uint8 (N, 3, H, W) when in memory
+    paths: list[str] | None = None  # when decoded on the fly
     skipped: list[str] = field(default_factory=list)  # "path: reason" of corrupt files left out (skip_corrupt)
 
     def __len__(self) -> int:
@@ -64,8 +73,8 @@ class Split:
 @dataclass
 class Source:
     train: Split
-    val: Split | None      # None: the layout has no val/test split (the val split must come out of train)
-    description: str       # for logs: which layout was found where
+    val: Split | None  # None: the layout has no val/test split (the val split must come out of train)
+    description: str  # for logs: which layout was found where
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,20 +151,26 @@ def load_source(dcfg: Any, need_val: bool, need_train: bool = True) -> Source:
     if name == "digits":
         return load_digits(int(dcfg.get("image_size")))
     if name not in ("cifar10", "cifar100", "imagenet", "folder"):
-        raise UserError(f"data.name={name!r}: unknown dataset; choose one of cifar10, cifar100, imagenet, folder, "
-                        "digits (data=<name>)")
+        raise UserError(
+            f"data.name={name!r}: unknown dataset; choose one of cifar10, cifar100, imagenet, folder, "
+            "digits (data=<name>)"
+        )
     root = resolve_root(dcfg.get("root"))
     download = bool(dcfg.get("download", False))
     if name in CIFAR and download and _find_cifar_pickles(root, name) is None and _find_folder(root) is None:
         _download_cifar(root, name)
     if not root.exists():
-        raise UserError(f"data.root={root}: folder does not exist; point data.root at the dataset"
-                        + (" or set data.download=true" if name in CIFAR else ""))
+        raise UserError(
+            f"data.root={root}: folder does not exist; point data.root at the dataset"
+            + (" or set data.download=true" if name in CIFAR else "")
+        )
     if not root.is_dir():
         raise UserError(f"data.root={root}: is a file, not a folder; point data.root at the dataset's folder")
     if not any(p for p in root.iterdir() if not p.name.startswith(".")):
-        raise UserError(f"data.root={root}: folder is empty; put the dataset there"
-                        + (" or set data.download=true" if name in CIFAR else ""))
+        raise UserError(
+            f"data.root={root}: folder is empty; put the dataset there"
+            + (" or set data.download=true" if name in CIFAR else "")
+        )
     if name in CIFAR:
         folder = _find_cifar_pickles(root, name)
         if folder is not None:
@@ -164,22 +179,28 @@ def load_source(dcfg: Any, need_val: bool, need_train: bool = True) -> Source:
     if layout is None:
         expected = f"{CIFAR[name][0]}/ or " if name in CIFAR else ""
         hint = " (it looks like a split folder itself: use its parent)" if root.name in ("train", "val", "test") else ""
-        raise UserError(f"data.root={root}: no supported layout found (expected {expected}train/<class>/ images "
-                        f"with val/<class>/ or test/<class>/){hint}; point data.root at the folder that contains them")
+        raise UserError(
+            f"data.root={root}: no supported layout found (expected {expected}train/<class>/ images "
+            f"with val/<class>/ or test/<class>/){hint}; point data.root at the folder that contains them"
+        )
     train_dir, val_dir = layout
     in_memory = bool(dcfg.get("in_memory", False))
     skip = bool(dcfg.get("skip_corrupt", False))
     classes = scan_classes(train_dir if need_train or val_dir is None else val_dir)
     if need_val:
         if val_dir is None:
-            raise UserError(f"data.root={root}: has train/ but no val/ or test/ folder to validate on; set "
-                            "data.val_split=0.1 to hold out 10% of train/ instead")
+            raise UserError(
+                f"data.root={root}: has train/ but no val/ or test/ folder to validate on; set "
+                "data.val_split=0.1 to hold out 10% of train/ instead"
+            )
         val_classes = scan_classes(val_dir)
         if val_classes != classes:
             only_t = sorted(set(classes) - set(val_classes))
             only_v = sorted(set(val_classes) - set(classes))
-            raise UserError(f"data.root={root}: class folders differ between train/ and {val_dir.name}/ (only in "
-                            f"train/: {_few(only_t)}; only in {val_dir.name}/: {_few(only_v)}); make them the same")
+            raise UserError(
+                f"data.root={root}: class folders differ between train/ and {val_dir.name}/ (only in "
+                f"train/: {_few(only_t)}; only in {val_dir.name}/: {_few(only_v)}); make them the same"
+            )
     reader = load_folder_in_memory if in_memory else list_folder
     train = reader(train_dir, classes, skip, dcfg) if need_train else _no_images(classes)
     val = reader(val_dir, classes, skip, dcfg) if need_val else None
@@ -204,8 +225,13 @@ def _find_cifar_pickles(root: Path, name: str) -> Path | None:
 
 def _find_folder(root: Path) -> tuple[Path, Path | None] | None:
     """(train dir, val-or-test dir or None) for ROOT/train, or a single nested ROOT/<dir>/train."""
-    cands = [root] if (root / "train").is_dir() else \
-        [d for d in sorted(root.iterdir()) if d.is_dir() and (d / "train").is_dir()] if root.is_dir() else []
+    cands = (
+        [root]
+        if (root / "train").is_dir()
+        else [d for d in sorted(root.iterdir()) if d.is_dir() and (d / "train").is_dir()]
+        if root.is_dir()
+        else []
+    )
     if len(cands) != 1:
         return None
     base = cands[0]
@@ -229,7 +255,7 @@ def _scan_files(split_dir: Path, classes: list[str], stamps: bool) -> tuple[list
     top = str(split_dir)
 
     def visible_image(path: str) -> bool:  # hidden ones dropped: macOS ._x.jpg forks and .ipynb_checkpoints/ copies
-        return has_file_allowed_extension(path, EXTENSIONS) and f"{os.sep}." not in path[len(top):]
+        return has_file_allowed_extension(path, EXTENSIONS) and f"{os.sep}." not in path[len(top) :]
 
     samples = make_dataset(top, {c: i for i, c in enumerate(classes)}, is_valid_file=visible_image, allow_empty=True)
     counts = np.bincount([label for _, label in samples], minlength=len(classes))
@@ -239,7 +265,7 @@ def _scan_files(split_dir: Path, classes: list[str], stamps: bool) -> tuple[list
             raise UserError(f"{cdir}: class folder missing; every split needs the same class folders")
         raise UserError(f"{cdir}: class folder has no images ({', '.join(EXTENSIONS)}); add images or remove it")
     paths, labels = [p for p, _ in samples], [label for _, label in samples]
-    return paths, labels, [(p[len(top) + 1:], *_size_mtime(p)) for p in paths] if stamps else []
+    return paths, labels, [(p[len(top) + 1 :], *_size_mtime(p)) for p in paths] if stamps else []
 
 
 def _size_mtime(path: str) -> tuple[int, int]:
@@ -277,8 +303,13 @@ def load_folder_in_memory(split_dir: Path, classes: list[str], skip: bool, dcfg:
         if cached is None:
             t0 = time.perf_counter()
             images, keep, bad = decode_all(paths, min(os.cpu_count() or 1, 8))  # one-off: use the cores
-            cached = {"images": images, "labels": torch.tensor(labels, dtype=torch.long)[keep], "classes": classes,
-                      "bad": bad, "version": CACHE_VERSION}
+            cached = {
+                "images": images,
+                "labels": torch.tensor(labels, dtype=torch.long)[keep],
+                "classes": classes,
+                "bad": bad,
+                "version": CACHE_VERSION,
+            }
             log.info("decoded %d images of %s in %.1f s", len(images), split_dir, time.perf_counter() - t0)
             if not bad or skip:  # a cache never hides a corrupt file from a run with skip_corrupt=false
                 _write_cache(cfile, cached)
@@ -286,11 +317,14 @@ def load_folder_in_memory(split_dir: Path, classes: list[str], skip: bool, dcfg:
             log.info("loaded %d decoded images of %s from %s", len(cached["images"]), split_dir, cfile)
     bad = list(cached["bad"])
     if bad and not skip:
-        raise UserError(f"{bad[0]}; delete or replace the file, or set data.skip_corrupt=true to skip "
-                        f"{'it' if len(bad) == 1 else f'all {len(bad)} such files'}")
+        raise UserError(
+            f"{bad[0]}; delete or replace the file, or set data.skip_corrupt=true to skip "
+            f"{'it' if len(bad) == 1 else f'all {len(bad)} such files'}"
+        )
     if bad:
-        warnings.warn(f"{split_dir}: skipped {len(bad)} corrupt image(s) (data.skip_corrupt=true), first: {bad[0]}",
-                      stacklevel=2)
+        warnings.warn(
+            f"{split_dir}: skipped {len(bad)} corrupt image(s) (data.skip_corrupt=true), first: {bad[0]}", stacklevel=2
+        )
     return Split(classes, cached["labels"], images=cached["images"], skipped=bad)
 
 
@@ -347,7 +381,7 @@ class _DecodeChunks(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         start = i * self.chunk
         imgs, keep, bad = [], [], []
-        for j, p in enumerate(self.paths[start:start + self.chunk]):
+        for j, p in enumerate(self.paths[start : start + self.chunk]):
             try:
                 img = decode_file(p)
             except CorruptImage as e:
@@ -372,15 +406,18 @@ def decode_all(paths: list[str], num_workers: int) -> tuple[torch.Tensor, torch.
         if chunk_imgs is not None and imgs and chunk_imgs.shape[1:] != imgs[0].shape[1:]:
             odd = (paths[chunk_keep[0]], tuple(chunk_imgs.shape[2:]), tuple(imgs[0].shape[2:]))
         if odd is not None:
-            raise UserError(f"{odd[0]}: its size {odd[1]} differs from {odd[2]} of the others; data.in_memory=true "
-                            "needs images of one size: set data.in_memory=false or resize the images")
+            raise UserError(
+                f"{odd[0]}: its size {odd[1]} differs from {odd[2]} of the others; data.in_memory=true "
+                "needs images of one size: set data.in_memory=false or resize the images"
+            )
         if chunk_imgs is not None:
             imgs.append(chunk_imgs)
         keep += chunk_keep
         bad += chunk_bad
     if not imgs:
-        raise UserError(f"{Path(paths[0]).parent.parent}: none of the {len(paths)} images could be decoded, first: "
-                        f"{bad[0]}")
+        raise UserError(
+            f"{Path(paths[0]).parent.parent}: none of the {len(paths)} images could be decoded, first: {bad[0]}"
+        )
     return torch.cat(imgs), torch.tensor(keep, dtype=torch.long), bad
 
 
@@ -392,9 +429,15 @@ class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR batches are pickles: allow only what a dict of numpy arrays, lists and strings needs (nothing that can
     run code), so a hostile file in data.root is refused like a hostile checkpoint."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
@@ -408,8 +451,9 @@ class _Refused(pickle.UnpicklingError):
 
 def _read_pickle(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"{path}: file missing from the CIFAR folder; re-download it (delete the folder and set "
-                        "data.download=true)")
+        raise UserError(
+            f"{path}: file missing from the CIFAR folder; re-download it (delete the folder and set data.download=true)"
+        )
     try:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="latin1").load()
@@ -426,8 +470,9 @@ def load_cifar_pickles(folder: Path, name: str, need_val: bool, need_train: bool
     _, train_files, test_files, meta_file, label_key, names_key = CIFAR[name]
     meta = _read_pickle(folder / meta_file) if (folder / meta_file).is_file() else {}
     n_classes = 10 if name == "cifar10" else 100
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])] \
-        or [str(i) for i in range(n_classes)]
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])] or [
+        str(i) for i in range(n_classes)
+    ]
 
     def read(files: list[str]) -> Split:
         imgs, labels = [], []
@@ -435,10 +480,16 @@ def load_cifar_pickles(folder: Path, name: str, need_val: bool, need_train: bool
             path = folder / fname
             batch = _read_pickle(path)
             data, lab = batch.get("data"), batch.get(label_key)
-            if not isinstance(data, np.ndarray) or lab is None or data.ndim != 2 or data.shape[1] != 3072 \
-                    or len(lab) != len(data):
-                raise UserError(f"{path}: not a {name} batch ('data' must be N x 3072 uint8 with N '{label_key}'); "
-                                "re-download it")
+            if (
+                not isinstance(data, np.ndarray)
+                or lab is None
+                or data.ndim != 2
+                or data.shape[1] != 3072
+                or len(lab) != len(data)
+            ):
+                raise UserError(
+                    f"{path}: not a {name} batch ('data' must be N x 3072 uint8 with N '{label_key}'); re-download it"
+                )
             imgs.append(torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)).view(-1, 3, 32, 32))
             labels.append(torch.as_tensor(np.asarray(lab, dtype=np.int64)))
         labels_t = torch.cat(labels)
@@ -460,8 +511,10 @@ def _download_cifar(root: Path, name: str) -> None:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # offline, proxy, disk full, bad checksum
-        raise UserError(f"data.download=true: could not download {name} into {root} ({_short(e)}); download it "
-                        "by hand or point data.root at a copy") from None
+        raise UserError(
+            f"data.download=true: could not download {name} into {root} ({_short(e)}); download it "
+            "by hand or point data.root at a copy"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,12 +528,14 @@ def load_digits(image_size: int) -> Source:
         with gzip.open(path, "rt") as f:
             arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: the embedded digits set is missing or damaged ({_short(e)}); reinstall "
-                        "cvt-train") from None
+        raise UserError(
+            f"{path}: the embedded digits set is missing or damaged ({_short(e)}); reinstall cvt-train"
+        ) from None
     pixels = torch.from_numpy(np.rint(arr[:, :64] * (255.0 / 16.0))).view(-1, 1, 8, 8)
     if image_size != 8:  # upscale once (bilinear: smooth strokes suit a conv embedding better than blocky pixels)
-        pixels = torch.nn.functional.interpolate(pixels, size=(image_size, image_size), mode="bilinear",
-                                                 align_corners=False)
+        pixels = torch.nn.functional.interpolate(
+            pixels, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
     images = pixels.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(arr[:, 64].astype(np.int64))
     return Source(Split([str(i) for i in range(10)], labels, images=images), None, f"embedded digits ({path.name})")

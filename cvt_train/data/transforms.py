@@ -12,8 +12,9 @@ official CvT recipe uses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,28 +27,39 @@ from ..schema import check_values, rule, typed
 
 CROPS = ("random_resized", "pad_crop", "none")
 AUTO_AUGMENTS = (None, "randaugment", "trivialaugment")
-INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                  "nearest": InterpolationMode.NEAREST}
+INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
 
 
 @dataclass
 class AugConfig:
     """The keys of every conf/aug/*.yaml (see those files for what each does)."""
+
     name: str = "none"
     crop: str = rule("none", choices=CROPS, what="crop")
     crop_padding: int = rule(4, ge=0)  # pad_crop: zero padding on each side before the random crop
-    crop_scale: List[float] = rule([0.08, 1.0], length=2, item_gt=0, expected="[low, high] with 0 < low <= high")
-    crop_ratio: List[float] = rule([0.75, 1.3333333333333333], length=2, item_gt=0,
-                                   expected="[low, high] with 0 < low <= high")  # random_resized: aspect range
+    crop_scale: list[float] = rule([0.08, 1.0], length=2, item_gt=0, expected="[low, high] with 0 < low <= high")
+    crop_ratio: list[float] = rule(
+        [0.75, 1.3333333333333333], length=2, item_gt=0, expected="[low, high] with 0 < low <= high"
+    )  # random_resized: aspect range
     hflip: float = rule(0.0, ge=0, le=1)  # probability of a horizontal flip
-    auto_augment: Optional[str] = rule(None, choices=AUTO_AUGMENTS, what="auto augmentation")
+    auto_augment: str | None = rule(None, choices=AUTO_AUGMENTS, what="auto augmentation")
     randaugment_num_ops: int = rule(2, ge=0)
     randaugment_magnitude: int = rule(9, ge=0)  # < randaugment_bins
-    randaugment_bins: int = rule(11, ge=2)  # 11 bins: magnitude 9 = 0.9 of each op's range, as timm's m9 (imagenet.yaml)
-    randaugment_magnitude_std: float = rule(0.0, ge=0, lt=float("inf"))  # > 0: magnitude ~ N(magnitude, std), clipped (timm's mstd)
+    randaugment_bins: int = rule(
+        11, ge=2
+    )  # 11 bins: magnitude 9 = 0.9 of each op's range, as timm's m9 (imagenet.yaml)
+    randaugment_magnitude_std: float = rule(
+        0.0, ge=0, lt=float("inf")
+    )  # > 0: magnitude ~ N(magnitude, std), clipped (timm's mstd)
     randaugment_op_prob: float = rule(1.0, ge=0, le=1)  # each chosen op is applied with this probability (timm 0.5)
     color_jitter: float = rule(0.0, ge=0)  # brightness = contrast = saturation; only when auto_augment is null (timm)
-    random_erasing: float = rule(0.0, ge=0, le=1)  # probability; erased pixels get per-pixel normal noise (timm's "pixel")
+    random_erasing: float = rule(
+        0.0, ge=0, le=1
+    )  # probability; erased pixels get per-pixel normal noise (timm's "pixel")
     mixup_alpha: float = rule(0.0, ge=0)
     cutmix_alpha: float = rule(0.0, ge=0)
     mix_prob: float = rule(1.0, ge=0, le=1)  # probability that a batch is mixed at all (when an alpha > 0)
@@ -76,8 +88,10 @@ def aug_config(acfg: Any) -> AugConfig:
         if getattr(a, key)[0] > getattr(a, key)[1]:
             raise UserError(f"aug.{key}={getattr(a, key)!r}: expected [low, high] with 0 < low <= high")
     if a.randaugment_magnitude >= a.randaugment_bins:
-        raise UserError(f"aug.randaugment_magnitude={a.randaugment_magnitude}: must be in 0..randaugment_bins-1 "
-                        f"({a.randaugment_bins - 1})")
+        raise UserError(
+            f"aug.randaugment_magnitude={a.randaugment_magnitude}: must be in 0..randaugment_bins-1 "
+            f"({a.randaugment_bins - 1})"
+        )
     return a
 
 
@@ -121,11 +135,22 @@ def photometric(a: AugConfig, mean: Sequence[float]) -> list:
     if a.auto_augment == "randaugment":
         # magnitude 9 of 11 bins = timm's m9 on its 0..10 scale; std > 0 adds timm's per-op noise ("mstd0.5")
         if a.randaugment_magnitude_std > 0 or a.randaugment_op_prob < 1:
-            return [NoisyRandAugment(a.randaugment_num_ops, a.randaugment_magnitude, a.randaugment_bins,
-                                     a.randaugment_magnitude_std, a.randaugment_op_prob, interpolation=interp,
-                                     fill=fill)]
-        return [v2.RandAugment(a.randaugment_num_ops, a.randaugment_magnitude, a.randaugment_bins,
-                               interpolation=interp, fill=fill)]
+            return [
+                NoisyRandAugment(
+                    a.randaugment_num_ops,
+                    a.randaugment_magnitude,
+                    a.randaugment_bins,
+                    a.randaugment_magnitude_std,
+                    a.randaugment_op_prob,
+                    interpolation=interp,
+                    fill=fill,
+                )
+            ]
+        return [
+            v2.RandAugment(
+                a.randaugment_num_ops, a.randaugment_magnitude, a.randaugment_bins, interpolation=interp, fill=fill
+            )
+        ]
     if a.auto_augment == "trivialaugment":
         return [v2.TrivialAugmentWide(interpolation=interp, fill=fill)]
     if a.color_jitter > 0:  # timm (the official loader) applies ColorJitter only without an auto-augment policy
@@ -137,8 +162,11 @@ def train_sample_transform(a: AugConfig, image_size: int, mean: Sequence[float],
     """A decoded file (uint8 (3, H, W), any size) -> float (3, image_size, image_size), normalised (streamed data)."""
     s = image_size
     if a.crop == "random_resized":
-        geo = [v2.RandomResizedCrop(s, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio), interpolation=a.interp,
-                                    antialias=True)]
+        geo = [
+            v2.RandomResizedCrop(
+                s, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio), interpolation=a.interp, antialias=True
+            )
+        ]
     else:
         geo = [v2.Resize(s, interpolation=a.interp, antialias=True), v2.CenterCrop(s)]
         if a.crop == "pad_crop" and a.crop_padding > 0:
@@ -146,15 +174,21 @@ def train_sample_transform(a: AugConfig, image_size: int, mean: Sequence[float],
     if a.hflip > 0:
         geo.append(v2.RandomHorizontalFlip(a.hflip))
     post = [v2.RandomErasing(a.random_erasing, value="random")] if a.random_erasing > 0 else []
-    return v2.Compose([*geo, *photometric(a, mean), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
-                       *post])
+    return v2.Compose(
+        [*geo, *photometric(a, mean), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), *post]
+    )
 
 
-def eval_sample_transform(a: AugConfig, image_size: int, mean: Sequence[float],
-                          std: Sequence[float]) -> v2.Compose:
+def eval_sample_transform(a: AugConfig, image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Resize the short side to image_size / eval_crop_ratio, center-crop image_size, normalise (streamed data)."""
-    return v2.Compose([v2.Resize(int(image_size / a.eval_crop_ratio), interpolation=a.interp, antialias=True),
-                       v2.CenterCrop(image_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose(
+        [
+            v2.Resize(int(image_size / a.eval_crop_ratio), interpolation=a.interp, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,14 +208,18 @@ def batch_crop_flip(x: torch.Tensor, padding: int, hflip: float, g: torch.Genera
         ox = torch.randint(0, 2 * padding + 1, (b,), generator=g)
     else:
         oy = ox = torch.zeros(b, dtype=torch.long)
-    rows = oy[:, None] + ar_h                                            # (B, H)
+    rows = oy[:, None] + ar_h  # (B, H)
     if hflip > 0:
         flip = torch.rand(b, generator=g) < hflip
         cols = ox[:, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (B, W): reversed columns = flipped
     else:
         cols = ox[:, None] + ar_w
-    return x[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-             rows[:, None, :, None], cols[:, None, None, :]]             # (B, C, H, W)
+    return x[
+        torch.arange(b)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]  # (B, C, H, W)
 
 
 def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

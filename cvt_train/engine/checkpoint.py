@@ -5,6 +5,7 @@ Layout (all plain tensors / numbers / strings / dicts, loadable with `weights_on
     epoch: completed epochs; step: batches done in the epoch in progress (0 at an epoch boundary)
     global_step, best_top1, metrics (last evaluation), rng (torch / numpy / python states: rng_states())
     config: the run's resolved config as a plain dict (never instantiated)
+    classes: the data's class names, index = label (cvt-export's id2label; absent in older checkpoints)
     format_version: 1
 """
 
@@ -14,8 +15,9 @@ import os
 import random
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -41,8 +43,9 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 def write_text_atomic(text: str, path: str | Path) -> None:
     """Small text files (metrics.json, config.yaml) the same way: a full disk leaves the previous version."""
-    _replace_atomically(path, lambda f: f.write(text.encode()), "could not write",
-                        "the checkpoints written so far are intact")
+    _replace_atomically(
+        path, lambda f: f.write(text.encode()), "could not write", "the checkpoints written so far are intact"
+    )
 
 
 def _replace_atomically(path: str | Path, write: Callable[[BinaryIO], Any], failed: str, intact: str) -> None:
@@ -99,8 +102,10 @@ def load_training_checkpoint(path: str | Path) -> dict:
     """Read one of our checkpoints (data only) and check it has what resuming needs."""
     ckpt = read_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path}: not a cvt-train checkpoint (no 'model' and 'config' entries); "
-                        "for official or HF weights use cvt-eval with model=... or load_checkpoint()")
+        raise UserError(
+            f"{path}: not a cvt-train checkpoint (no 'model' and 'config' entries); "
+            "for official or HF weights use cvt-eval with model=... or load_checkpoint()"
+        )
     return ckpt
 
 
@@ -109,8 +114,11 @@ def rng_states() -> dict:
     step, rank), so they carry nothing a resume needs, and one state per visible GPU would tie the checkpoint to
     the GPU count of the machine that wrote it."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain data, so weights_only loading accepts it
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+    }
 
 
 def restore_rng(states: dict) -> None:

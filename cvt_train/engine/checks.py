@@ -21,18 +21,21 @@ def validate(cfg: DictConfig) -> None:
         check_group(cfg, group)
     aug_config(cfg.aug)  # its schema's rules and those across its keys
     if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
-        raise UserError("optim.nesterov=true needs optim.momentum > 0; set optim.momentum=0.9 or "
-                        "optim.nesterov=false")
+        raise UserError("optim.nesterov=true needs optim.momentum > 0; set optim.momentum=0.9 or optim.nesterov=false")
     resolve_device(cfg.trainer.device)  # a device name only; nothing is allocated
     mc = model_config(cfg.model)  # heads dividing widths, map sizes: models/presets.py's validate
     if mc.num_classes != cfg.data.num_classes:
-        raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={cfg.data.num_classes} "
-                        f"of data={cfg.data.name}; drop the model.num_classes override")
+        raise UserError(
+            f"model.num_classes={mc.num_classes} does not match data.num_classes={cfg.data.num_classes} "
+            f"of data={cfg.data.name}; drop the model.num_classes override"
+        )
     stage_map_sizes(mc, (cfg.data.image_size, cfg.data.image_size))
     resume, init_from = cfg.trainer.resume, cfg.trainer.init_from
     if init_from is not None and not Path(str(init_from)).exists():
-        raise UserError(f"trainer.init_from: {init_from} does not exist; give a weight file (ours, official or HF) or "
-                        "an HF save_pretrained folder")
+        raise UserError(
+            f"trainer.init_from: {init_from} does not exist; give a weight file (ours, official or HF) or "
+            "an HF save_pretrained folder"
+        )
     if resume not in (None, "auto") and not Path(str(resume)).is_file():
         raise UserError(f"trainer.resume: {resume} does not exist; give a checkpoint path or trainer.resume=auto")
 
@@ -43,16 +46,22 @@ def resume_mismatch(path: Path, ckpt: dict, cfg: DictConfig, error: Exception) -
     now = OmegaConf.to_container(cfg, resolve=True)
     groups = ("model", "optim", "sched", "trainer")
     old, new = (flatten({g: c.get(g) or {} for g in groups}) for c in (stored, now))
-    changed = [f"{k}={_shown(old.get(k))!r} (now {_shown(new.get(k))!r})" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in ("trainer.resume", "trainer.progress")]
+    changed = [
+        f"{k}={_shown(old.get(k))!r} (now {_shown(new.get(k))!r})"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and k not in ("trainer.resume", "trainer.progress")
+    ]
     reason = " ".join(f"{type(error).__name__}: {error}".split())[:120]
     made_with = f"it was made with {', '.join(changed[:4])}" if changed else "it was made with another configuration"
-    return UserError(f"{path}: does not fit this run ({reason}); {made_with}; resume with the overrides it was "
-                     "trained with")
+    return UserError(
+        f"{path}: does not fit this run ({reason}); {made_with}; resume with the overrides it was trained with"
+    )
 
 
 def _shown(value):
-    if isinstance(value, float) and value.is_integer():  # the schema types 1 as 1.0 for a float key: show what was typed
+    if (
+        isinstance(value, float) and value.is_integer()
+    ):  # the schema types 1 as 1.0 for a float key: show what was typed
         return int(value)
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterable
 
 import torch
 import torch.distributed as tdist
@@ -57,8 +57,13 @@ def export_submitit_env() -> bool:
     from submitit.helpers import TorchDistributedEnvironment  # installed: this process is a submitit job
 
     env = TorchDistributedEnvironment()  # honours a MASTER_PORT set beforehand
-    for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port), ("RANK", env.rank),
-                       ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+    for key, value in (
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", env.master_port),
+        ("RANK", env.rank),
+        ("WORLD_SIZE", env.world_size),
+        ("LOCAL_RANK", env.local_rank),
+    ):
         os.environ.setdefault(key, str(value))  # what a site prolog or hydra.launcher.setup set stays
     return True
 
@@ -74,8 +79,11 @@ def init_distributed(device_name: str, timeout_min: float = 60) -> DistInfo:
     if world_size > 1 and not tdist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min),
-                                device_id=device if device.type == "cuda" else None)
+        tdist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(minutes=timeout_min),
+            device_id=device if device.type == "cuda" else None,
+        )
     return DistInfo(rank, world_size, local_rank, device)
 
 

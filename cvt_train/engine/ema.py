@@ -23,8 +23,10 @@ class WeightEma:
         self.decay, self.warmup = decay, warmup
         pairs = list(zip(self.averaged.module.state_dict().values(), model.state_dict().values()))
         self._floats = ([e for e, m in pairs if e.is_floating_point()], [m for e, m in pairs if e.is_floating_point()])
-        self._others = ([e for e, m in pairs if not e.is_floating_point()],  # num_batches_tracked: copied
-                        [m for e, m in pairs if not e.is_floating_point()])
+        self._others = (
+            [e for e, m in pairs if not e.is_floating_point()],  # num_batches_tracked: copied
+            [m for e, m in pairs if not e.is_floating_point()],
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -48,4 +50,3 @@ class WeightEma:
         if self._others[0]:
             torch._foreach_copy_(*self._others)
         self.averaged.n_averaged.add_(1)
-

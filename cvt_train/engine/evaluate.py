@@ -4,7 +4,7 @@ the model and its EMA after an epoch."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,14 @@ from .precision import autocast
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
-             autocast: contextlib.AbstractContextManager | None = None, progress=None, pad_to: int | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    progress=None,
+    pad_to: int | None = None,
+) -> dict:
     """Sums of loss and correct predictions, reduced over ranks, so each image counts exactly once.
 
     Each rank must see a disjoint shard with no padded duplicates (the data module guarantees it).
@@ -37,9 +43,14 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
         logits, labels = logits[:n].float(), labels.to(device)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                             torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(1).sum().double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+            ]
+        )
         if progress is not None:
             progress.update(labels.numel())
     model.train(was_training)
@@ -48,17 +59,33 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": int(n)}
 
 
-def run_evaluation(model: nn.Module, ema_model: nn.Module | None, data, dist: DistInfo, amp_dtype, progress: bool,
-                   epoch: int = 0, pad_to: int | None = None) -> dict:
+def run_evaluation(
+    model: nn.Module,
+    ema_model: nn.Module | None,
+    data,
+    dist: DistInfo,
+    amp_dtype,
+    progress: bool,
+    epoch: int = 0,
+    pad_to: int | None = None,
+) -> dict:
     """Metrics of `model` (and `ema_` ones of the EMA's); pad_to: pad a smaller last batch (compiled models, so
     that it does not compile a second graph)."""
-    bar = tqdm(total=data.num_val, desc="eval", disable=not (dist.is_main and progress), leave=False,
-               dynamic_ncols=True)
-    metrics = evaluate(model, _eval_fault_point(data.val_batches(), epoch), dist.device,
-                       autocast(dist.device, amp_dtype), bar, pad_to=pad_to)
+    bar = tqdm(
+        total=data.num_val, desc="eval", disable=not (dist.is_main and progress), leave=False, dynamic_ncols=True
+    )
+    metrics = evaluate(
+        model,
+        _eval_fault_point(data.val_batches(), epoch),
+        dist.device,
+        autocast(dist.device, amp_dtype),
+        bar,
+        pad_to=pad_to,
+    )
     if ema_model is not None:
-        ema_metrics = evaluate(ema_model, data.val_batches(), dist.device, autocast(dist.device, amp_dtype),
-                               pad_to=pad_to)
+        ema_metrics = evaluate(
+            ema_model, data.val_batches(), dist.device, autocast(dist.device, amp_dtype), pad_to=pad_to
+        )
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
     bar.close()
     return metrics

@@ -45,6 +45,7 @@ class HostReads(TorchDispatchMode):
             if tensor.device.type == "cpu":  # (a CUDA tensor's copy to the host is counted below)
                 self._record()
             return real(tensor, *args, **kwargs)
+
         return read
 
     def _record(self) -> None:

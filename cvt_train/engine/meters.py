@@ -47,7 +47,8 @@ class StepMeters:
     def read_window(self) -> tuple[float, int, int, int]:
         """(mean loss, batches, skipped steps) since the last read, and the tripped step (0 if none): one read."""
         loss, batches, skipped, tripped = torch.stack(
-            [self.window_loss, self.window_batches, self.window_skipped, self.tripped_at]).tolist()
+            [self.window_loss, self.window_batches, self.window_skipped, self.tripped_at]
+        ).tolist()
         for t in (self.window_loss, self.window_batches, self.window_skipped):
             t.zero_()
         return loss / batches if batches else float("nan"), int(batches), int(skipped), int(tripped)
@@ -64,8 +65,9 @@ class EpochClock:
     def __init__(self, steps: int, first: int, desc: str, show: bool):
         self.steps, self.first = steps, first
         self.seen, self.waited, self.start, self.end = 0, 0.0, time.perf_counter(), None
-        self.bar = tqdm(total=steps, initial=first, desc=desc, disable=not show, dynamic_ncols=True, leave=False,
-                        mininterval=1.0)
+        self.bar = tqdm(
+            total=steps, initial=first, desc=desc, disable=not show, dynamic_ncols=True, leave=False, mininterval=1.0
+        )
 
     def batches(self, loader):
         """(step, batch) for steps `first` to `steps` - 1 of the epoch (the loader may hold more: partial

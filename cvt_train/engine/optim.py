@@ -8,7 +8,6 @@ from torch import nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 
-
 def learning_rate(optim: DictConfig, global_batch: int) -> float:
     """`optim.lr` if given, else `base_lr` scaled linearly by the global batch (DeiT's rule)."""
     if optim.lr is not None:
@@ -46,8 +45,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
                 s[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, sched: DictConfig, lr: float,
-                    steps_per_epoch: int, epochs: int) -> LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, sched: DictConfig, lr: float, steps_per_epoch: int, epochs: int
+) -> LRScheduler:
     """Linear warmup from `warmup_lr`, then cosine to `min_lr` (or constant); stepped once per optimizer step."""
     total = max(1, steps_per_epoch * epochs)
     warmup = min(int(round(sched.warmup_epochs * steps_per_epoch)), total - 1)

@@ -20,8 +20,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         if precision == "auto":
             precision = "bf16" if native_bf16 else "fp16"
         if precision == "bf16" and not native_bf16:
-            raise UserError(f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16; "
-                            "use fp16 (or auto) or fp32")
+            raise UserError(
+                f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16; "
+                "use fp16 (or auto) or fp32"
+            )
     elif precision == "auto":
         precision = "bf16" if device.type == "cpu" else "fp16"
     return PRECISIONS[precision]

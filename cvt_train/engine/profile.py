@@ -19,8 +19,11 @@ class StepProfiler(torch.profiler.profile):
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        super().__init__(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=5, repeat=1),
-                         on_trace_ready=torch.profiler.tensorboard_trace_handler(str(run_dir / "profile")))
+        super().__init__(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=1, warmup=1, active=5, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(run_dir / "profile")),
+        )
         self.run_dir = run_dir
 
     def after_step(self, global_step: int) -> None:
@@ -31,5 +34,8 @@ class StepProfiler(torch.profiler.profile):
         """After training (the profiler stopped): the ops that took the most CPU time, as a table."""
         table = self.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         (self.run_dir / "profile.txt").write_text(table)
-        log.info("profile of the first training steps: %s (trace for TensorBoard in %s)", self.run_dir / "profile.txt",
-                 self.run_dir / "profile")
+        log.info(
+            "profile of the first training steps: %s (trace for TensorBoard in %s)",
+            self.run_dir / "profile.txt",
+            self.run_dir / "profile",
+        )

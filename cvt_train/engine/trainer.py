@@ -31,9 +31,17 @@ from ..flops import count_macs
 from ..models import CvT, model_config, num_params
 from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from . import distributed
+from .checkpoint import (
+    FORMAT_VERSION,
+    fault_point,
+    load_training_checkpoint,
+    remove_stale_temporaries,
+    restore_rng,
+    rng_states,
+    save_atomic,
+    write_text_atomic,
+)
 from .checks import flatten, resume_mismatch, validate
-from .checkpoint import (FORMAT_VERSION, fault_point, load_training_checkpoint, remove_stale_temporaries, restore_rng,
-                         rng_states, save_atomic, write_text_atomic)
 from .distributed import all_reduce_max, broadcast_object, check_ranks_agree, init_distributed, on_main
 from .ema import WeightEma
 from .evaluate import run_evaluation
@@ -56,17 +64,26 @@ def init_weights(model: CvT, path: str, verbose: bool) -> None:
     sd = extract_state_dict(read_file(path), source=path)
     classes = head_classes(sd)
     drop_head = classes is not None and classes != model.cfg.num_classes
-    fmt = load_checkpoint(model, sd, drop_head=drop_head, source=f"trainer.init_from={path}",
-                          advice="pass the model= (and model.* overrides) the weights were made for")
+    fmt = load_checkpoint(
+        model,
+        sd,
+        drop_head=drop_head,
+        source=f"trainer.init_from={path}",
+        advice="pass the model= (and model.* overrides) the weights were made for",
+    )
     if verbose:
-        head = f"classifier re-initialised ({classes} classes in the file, {model.cfg.num_classes} here)" \
-            if drop_head else "classifier included"
+        head = (
+            f"classifier re-initialised ({classes} classes in the file, {model.cfg.num_classes} here)"
+            if drop_head
+            else "classifier included"
+        )
         log.info("initial weights from %s (%s format), %s", path, fmt, head)
 
 
 @dataclass
 class Progress:
     """Where the run stands; saved in every checkpoint."""
+
     epoch: int = 0  # epochs completed
     step: int = 0  # batches done in the epoch after those (non-zero only when stopped by a signal mid-epoch)
     global_step: int = 0  # optimizer steps
@@ -93,16 +110,19 @@ class Trainer:
         on_main(self._remove_stale_temporaries, dist)
         self.data = data = build_data(cfg, rank=dist.rank, world_size=dist.world_size, device=dist.device)
         if data.num_classes != cfg.data.num_classes:
-            raise UserError(f"data.num_classes={cfg.data.num_classes} but {cfg.data.root} holds {data.num_classes} "
-                            f"classes; set data.num_classes={data.num_classes}")
+            raise UserError(
+                f"data.num_classes={cfg.data.num_classes} but {cfg.data.root} holds {data.num_classes} "
+                f"classes; set data.num_classes={data.num_classes}"
+            )
         self.model = model = self._build_model(init_from=tcfg.init_from if ckpt is None else None)
         self.amp_dtype = autocast_dtype(tcfg.precision, dist.device)
         self.steps_per_epoch = self._steps_per_epoch()
         global_batch = cfg.data.batch_size * dist.world_size * tcfg.accum_steps
         lr = learning_rate(cfg.optim, global_batch)
         self.optimizer = build_optimizer(model, cfg.optim, lr)
-        self.scheduler = build_scheduler(self.optimizer, cfg.sched, lr, self.steps_per_epoch // tcfg.accum_steps,
-                                         tcfg.epochs)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.sched, lr, self.steps_per_epoch // tcfg.accum_steps, tcfg.epochs
+        )
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.grad_params = [p for p in model.parameters() if p.requires_grad]
         # Fused optimizers skip a step on the device when told `found_inf` (the GradScaler's contract); others
@@ -166,8 +186,10 @@ class Trainer:
         if tcfg.max_steps_per_epoch:
             steps = min(steps, int(tcfg.max_steps_per_epoch))
         if steps < tcfg.accum_steps:
-            raise UserError(f"trainer.accum_steps={tcfg.accum_steps}: more than the {steps} batches of an epoch; "
-                            "lower trainer.accum_steps or data.batch_size")
+            raise UserError(
+                f"trainer.accum_steps={tcfg.accum_steps}: more than the {steps} batches of an epoch; "
+                "lower trainer.accum_steps or data.batch_size"
+            )
         return steps // tcfg.accum_steps * tcfg.accum_steps
 
     def _wrap_models(self) -> tuple[nn.Module, nn.Module, nn.Module | None]:
@@ -194,15 +216,27 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
         except OSError as e:
-            raise UserError(f"{self.run_dir}: cannot write the run's files ({e.strerror or e}); free disk space "
-                            "or fix the output dir's permissions") from e
+            raise UserError(
+                f"{self.run_dir}: cannot write the run's files ({e.strerror or e}); free disk space "
+                "or fix the output dir's permissions"
+            ) from e
         write_text_atomic(OmegaConf.to_yaml(self.config_dict), self.run_dir / "config.yaml")  # resolved
-        log.info("model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d)",
-                 cfg.model.name, self.run_info["params"] / 1e6, cfg.data.name, data.num_train, data.num_val,
-                 data.num_classes, lr, global_batch)
+        log.info(
+            "model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d)",
+            cfg.model.name,
+            self.run_info["params"] / 1e6,
+            cfg.data.name,
+            data.num_train,
+            data.num_val,
+            data.num_classes,
+            lr,
+            global_batch,
+        )
         if not self.skips_on_device:
-            log.warning("optim.fused=false: skipping non-finite steps needs a host read per step (a GPU stall); "
-                        "fused optimizers decide on the device")
+            log.warning(
+                "optim.fused=false: skipping non-finite steps needs a host read per step (a GPU stall); "
+                "fused optimizers decide on the device"
+            )
 
     def _restore(self, ckpt: dict, path: Path) -> None:
         try:
@@ -214,8 +248,13 @@ class Trainer:
             if self.ema is not None and ckpt.get("ema_state") is not None:
                 self.ema.averaged.load_state_dict(ckpt["ema_state"])
             restore_rng(ckpt["rng"])
-            self.progress = Progress(ckpt["epoch"], ckpt.get("step", 0), ckpt["global_step"],
-                                     ckpt.get("best_top1", 0.0), ckpt.get("metrics", {}))
+            self.progress = Progress(
+                ckpt["epoch"],
+                ckpt.get("step", 0),
+                ckpt["global_step"],
+                ckpt.get("best_top1", 0.0),
+                ckpt.get("metrics", {}),
+            )
         except (KeyError, ValueError, RuntimeError, TypeError) as e:  # resumed with other overrides than it was made
             raise resume_mismatch(path, ckpt, self.cfg, e) from e
         if self.dist.is_main:
@@ -230,8 +269,12 @@ class Trainer:
                 for epoch in range(p.epoch, tcfg.epochs):
                     self.train_model.train()
                     first = p.step if epoch == p.epoch else 0  # (mid-epoch after a resume)
-                    clock = EpochClock(self.steps_per_epoch, first, f"epoch {epoch + 1}/{tcfg.epochs}",
-                                       show=dist.is_main and tcfg.progress)
+                    clock = EpochClock(
+                        self.steps_per_epoch,
+                        first,
+                        f"epoch {epoch + 1}/{tcfg.epochs}",
+                        show=dist.is_main and tcfg.progress,
+                    )
                     for step, (images, targets) in clock.batches(self.data.train_batches(epoch, first)):
                         if not self.train_step(images, targets, epoch, step):
                             continue  # inside an accumulation window
@@ -317,19 +360,21 @@ class Trainer:
             raise UserError(
                 f"training diverged: non-finite loss for {tcfg.max_nonfinite} consecutive steps (epoch {epoch + 1}, "
                 f"step {(step + 1) * tcfg.accum_steps}); {self.last_good()}; lower optim.lr, set trainer.grad_clip, "
-                "or use trainer.precision=bf16/fp32")
+                "or use trainer.precision=bf16/fp32"
+            )
         if clock is None or not batches:  # (the check before a save; or nothing since the last log point)
             return
         images_per_s, data_wait = clock.rates(dist.world_size)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.log_history.append({"step": p.global_step, "epoch": p.epoch + 1, "loss": loss, "lr": lr,
-                                 "skipped": skipped})
+        self.log_history.append(
+            {"step": p.global_step, "epoch": p.epoch + 1, "loss": loss, "lr": lr, "skipped": skipped}
+        )
         if clock.bar is not None:  # (closed at the end of the epoch)
-            clock.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}",
-                                  data_wait=f"{data_wait:.0%}")
+            clock.bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}", data_wait=f"{data_wait:.0%}"
+            )
         if self.writer is not None:
-            for name, value in (("loss", loss), ("lr", lr), ("images_per_s", images_per_s),
-                                ("skipped_steps", skipped)):
+            for name, value in (("loss", loss), ("lr", lr), ("images_per_s", images_per_s), ("skipped_steps", skipped)):
                 self.writer.add_scalar(f"train/{name}", value, p.global_step)
 
     def stopped(self, stop: StopRequest) -> float:
@@ -338,9 +383,14 @@ class Trainer:
         p = self.progress
         self.stop_signal = stop.signum
         if self.dist.is_main:
-            log.warning("stopped by signal %s at epoch %d step %d; last.pt written. Resume with: "
-                        "cvt-train <same overrides> hydra.run.dir=%s trainer.resume=auto",
-                        stop.signum, p.epoch + 1, p.step, self.run_dir)
+            log.warning(
+                "stopped by signal %s at epoch %d step %d; last.pt written. Resume with: "
+                "cvt-train <same overrides> hydra.run.dir=%s trainer.resume=auto",
+                stop.signum,
+                p.epoch + 1,
+                p.step,
+                self.run_dir,
+            )
         stop.pass_on()
         return p.best_top1
 
@@ -350,10 +400,23 @@ class Trainer:
         self.sync_buffers()
         self.ensure_finite()
         images_per_s = seen * dist.world_size / max(seconds, 1e-9)
-        metrics = run_evaluation(self.eval_model, self.ema_eval_model, self.data, dist, self.amp_dtype, tcfg.progress,
-                                 p.epoch, pad_to=self.data.batch_size if tcfg.compile else None)
-        metrics.update(epoch=p.epoch, **self.run_info, wall_time_s=time.perf_counter() - self.wall_start,
-                       images_per_s=images_per_s, data_wait=self.data_wait)
+        metrics = run_evaluation(
+            self.eval_model,
+            self.ema_eval_model,
+            self.data,
+            dist,
+            self.amp_dtype,
+            tcfg.progress,
+            p.epoch,
+            pad_to=self.data.batch_size if tcfg.compile else None,
+        )
+        metrics.update(
+            epoch=p.epoch,
+            **self.run_info,
+            wall_time_s=time.perf_counter() - self.wall_start,
+            images_per_s=images_per_s,
+            data_wait=self.data_wait,
+        )
         if self.data.skipped:  # data.skip_corrupt=true: how many unreadable images were left out so far
             metrics["skipped_images"] = len(self.data.skipped)
         improved = metrics["top1"] > p.best_top1
@@ -365,10 +428,19 @@ class Trainer:
     def _report(self, metrics: dict, seconds: float) -> None:
         """Rank 0: an evaluation's log line, TensorBoard scalars and metrics.json."""
         p, tcfg, writer = self.progress, self.cfg.trainer, self.writer
-        log.info("epoch %d/%d: train loss %.4f | val top1 %.2f top5 %.2f loss %.4f%s | %.0f img/s, %.0f%% of the "
-                 "time waiting for data", p.epoch, tcfg.epochs, self.train_loss, metrics["top1"], metrics["top5"],
-                 metrics["loss"], f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "",
-                 metrics["images_per_s"], 100 * self.data_wait)
+        log.info(
+            "epoch %d/%d: train loss %.4f | val top1 %.2f top5 %.2f loss %.4f%s | %.0f img/s, %.0f%% of the "
+            "time waiting for data",
+            p.epoch,
+            tcfg.epochs,
+            self.train_loss,
+            metrics["top1"],
+            metrics["top5"],
+            metrics["loss"],
+            f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "",
+            metrics["images_per_s"],
+            100 * self.data_wait,
+        )
         for key in ("top1", "top5", "loss", "ema_top1", "ema_top5"):
             if key in metrics:
                 writer.add_scalar(f"val/{key}", metrics[key], p.epoch)
@@ -399,8 +471,10 @@ class Trainer:
         finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()  # one host read
         for name, ok in zip(tensors, finite):
             if not ok:
-                raise UserError(f"training diverged: {name} holds NaN/inf {where}; {self.last_good()}; "
-                                "lower optim.lr, set trainer.grad_clip, or use trainer.precision=bf16/fp32")
+                raise UserError(
+                    f"training diverged: {name} holds NaN/inf {where}; {self.last_good()}; "
+                    "lower optim.lr, set trainer.grad_clip, or use trainer.precision=bf16/fp32"
+                )
 
     def sync_buffers(self) -> None:
         """Before an evaluation or a save, every rank takes rank 0's BatchNorm statistics and EMA (its weights and
@@ -416,23 +490,37 @@ class Trainer:
 
     def _write_checkpoint(self, name: str) -> None:
         p, ema = self.progress, self.ema
-        save_atomic({
-            "format_version": FORMAT_VERSION, "model": self.model.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "ema_state": ema.averaged.state_dict() if ema is not None else None,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "epoch": p.epoch, "step": p.step, "global_step": p.global_step, "best_top1": p.best_top1,
-            "metrics": p.metrics, "rng": rng_states(), "config": self.config_dict,
-        }, self.run_dir / name)
+        save_atomic(
+            {
+                "format_version": FORMAT_VERSION,
+                "model": self.model.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None,
+                "ema_state": ema.averaged.state_dict() if ema is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "epoch": p.epoch,
+                "step": p.step,
+                "global_step": p.global_step,
+                "best_top1": p.best_top1,
+                "metrics": p.metrics,
+                "rng": rng_states(),
+                "config": self.config_dict,
+                "classes": list(self.data.classes),
+            },
+            self.run_dir / name,
+        )
 
     def close(self, hparams: bool) -> None:
         """Close the TensorBoard events, with the HParams entry of a finished run (TensorBoard's sweep view)."""
         if self.writer is None:
             return
         if hparams:
-            values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                      for k, v in flatten(self.config_dict).items() if not k.startswith("hydra")}
+            values = {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in flatten(self.config_dict).items()
+                if not k.startswith("hydra")
+            }
             p = self.progress
             metrics = {"hparam/top1": p.metrics.get("top1", 0.0), "hparam/best_top1": p.best_top1}
             self.writer.add_hparams(values, metrics, run_name=".")

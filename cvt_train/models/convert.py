@@ -11,8 +11,9 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,13 +94,19 @@ def read_file(path: str | Path) -> Any:
         raise UserError(
             f"{path}: refused: the file holds objects that are not plain tensors and data ({_short(_detail(e))}), and "
             "loading it could run code; only load it in a sandbox and re-save its state_dict if you trust its "
-            "origin") from e
+            "origin"
+        ) from e
     except Exception as e:  # a cut-off zip or a damaged pickle fails in many ways (RuntimeError, EOFError, KeyError...)
         raise _corrupt(path, e) from e
 
 
-_OTHER_FORMATS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8", "a JPEG image"), (b"GIF8", "a GIF image"),
-                  (b"{", "text, JSON?"), (b"\x1f\x8b", "a gzip file"))
+_OTHER_FORMATS = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"{", "text, JSON?"),
+    (b"\x1f\x8b", "a gzip file"),
+)
 
 
 def _detail(e: Exception) -> str:
@@ -110,12 +117,14 @@ def _detail(e: Exception) -> str:
 
 def _short(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _corrupt(path: Path, e: Exception) -> UserError:
-    return UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({_short(f'{type(e).__name__}: {e}')}); "
-                     "copy it again or use another checkpoint")
+    return UserError(
+        f"{path}: not a readable checkpoint, truncated or corrupt ({_short(f'{type(e).__name__}: {e}')}); "
+        "copy it again or use another checkpoint"
+    )
 
 
 def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -148,9 +157,16 @@ def head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
     return None if weight is None else int(weight.shape[0])
 
 
-def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = True,
-                    drop_head: bool = False, use_ema: bool = False, *, source: str = "state dict",
-                    advice: str = "build the model the weights were made for, or pass strict=False") -> str:
+def load_checkpoint(
+    model: nn.Module,
+    path_or_state_dict: Any,
+    strict: bool = True,
+    drop_head: bool = False,
+    use_ema: bool = False,
+    *,
+    source: str = "state dict",
+    advice: str = "build the model the weights were made for, or pass strict=False",
+) -> str:
     """Load own / official / HF weights into `model`, detecting the format; returns the format's name.
 
     strict: every key of the model must be found and every key of the file used, or one error lists them.
@@ -176,17 +192,25 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Any, strict: bool = Tr
         else:
             unexpected.append(k)
     missing = [k for k in target if k not in renamed and not (drop_head and k.startswith("head."))]
-    bad_shapes = [f"{k} {tuple(v.shape)} in file vs {tuple(target[k].shape)} in model"
-                  for k, v in renamed.items() if v.shape != target[k].shape]
+    bad_shapes = [
+        f"{k} {tuple(v.shape)} in file vs {tuple(target[k].shape)} in model"
+        for k, v in renamed.items()
+        if v.shape != target[k].shape
+    ]
     if bad_shapes:
-        hint = " (a head for another class count: pass drop_head=True to fine-tune)" if all(
-            s.startswith("head.") for s in bad_shapes) else ""
-        raise UserError(f"{source}: shape mismatch for {len(bad_shapes)} key(s): {'; '.join(bad_shapes[:6])}{hint}; "
-                        f"{advice}")
+        hint = (
+            " (a head for another class count: pass drop_head=True to fine-tune)"
+            if all(s.startswith("head.") for s in bad_shapes)
+            else ""
+        )
+        raise UserError(
+            f"{source}: shape mismatch for {len(bad_shapes)} key(s): {'; '.join(bad_shapes[:6])}{hint}; {advice}"
+        )
     if strict and (missing or unexpected):
         raise UserError(
             f"{source} ({fmt} format) does not fit the model: {len(missing)} missing key(s){_few(missing)}, "
-            f"{len(unexpected)} unexpected key(s){_few(unexpected)}; {advice}")
+            f"{len(unexpected)} unexpected key(s){_few(unexpected)}; {advice}"
+        )
     model.load_state_dict(renamed, strict=False)
     return fmt
 
@@ -196,3 +220,122 @@ def _few(keys: list[str], n: int = 8) -> str:
     if not keys:
         return ""
     return f" {keys}" if len(keys) <= n else f" (first {n}: {keys[:n]})"
+
+
+# ------------------------------------------------------------------------------------------- weights going out
+def hf_differences(mc) -> tuple[list[str], list[str]]:
+    """Where HF transformers' CvT port departs from a model config (a ModelConfig): what it cannot build or run at
+    all, and what it computes differently (its logits would not be ours). HF hard-codes exact GELU and LayerNorm
+    eps 1e-5 (its `layer_norm_eps` is read by nothing), has no position embedding, no average-pooling or plain
+    linear projection (its "avg" builds no convolution and then calls it), sizes every stage's cls token by the last
+    stage's width, reads the last stage's cls token in its classifier, and indexes drop-path rates by the stage's
+    index. Drop path and dropout change no eval-mode logit: they are carried over as they are."""
+    missing, approx = [], []
+    last = len(mc.stages) - 1
+    for i, s in enumerate(mc.stages):
+        w = f"model.stages.{i}"
+        if s.pos_embed:
+            missing.append(f"{w}.pos_embed=true (no position embeddings)")
+        if s.qkv_proj_method != "dw_bn":
+            missing.append(f"{w}.qkv_proj_method={s.qkv_proj_method} (only dw_bn runs)")
+        if s.cls_token and i < last:
+            missing.append(f"{w}.cls_token=true (a cls token only in the last stage)")
+        if s.depth <= i:
+            missing.append(f"{w}.depth={s.depth} (depth > {i} needed in stage {i})")
+    if not mc.stages[last].cls_token:
+        missing.append(f"model.stages.{last}.cls_token=false (its classifier reads the last stage's cls token)")
+    if mc.act != "gelu":
+        approx.append(f"model.act={mc.act} (HF uses exact GELU)")
+    if mc.ln_eps != 1e-5:
+        approx.append(f"model.ln_eps={mc.ln_eps} (HF fixes 1e-5)")
+    return missing, approx
+
+
+def hf_config(mc, allow_approx: bool = False, context: str = "format=hf"):
+    """HF transformers' CvtConfig for our model config; one UserError line (prefixed with `context`) for a model HF
+    cannot build, and for one it computes differently unless allow_approx."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise UserError(f"{context} needs HF transformers: pip install 'cvt-train[hf]'") from e
+    missing, approx = hf_differences(mc)
+    if missing:
+        raise UserError(
+            f"{context}: HF's CvT has no {'; '.join(missing)}; this model cannot be expressed there "
+            "(format=safetensors or format=official keep it whole)"
+        )
+    if approx and not allow_approx:
+        raise UserError(
+            f"{context}: HF's CvT would compute different logits: {'; '.join(approx)}; pass "
+            "allow_approx=true to export it anyway (the measured logit difference goes into the model "
+            "card)"
+        )
+    per_stage = lambda f: [f(s) for s in mc.stages]  # noqa: E731
+    patch = lambda s: s.embed == "patch"  # noqa: E731  ViT-style patches = a conv with kernel == stride, no padding
+    return transformers.CvtConfig(
+        num_channels=mc.in_chans,
+        num_labels=mc.num_classes,
+        patch_sizes=per_stage(lambda s: s.patch_stride if patch(s) else s.patch_size),
+        patch_stride=per_stage(lambda s: s.patch_stride),
+        patch_padding=per_stage(lambda s: 0 if patch(s) else s.patch_padding),
+        embed_dim=per_stage(lambda s: s.dim_embed),
+        num_heads=per_stage(lambda s: s.num_heads),
+        depth=per_stage(lambda s: s.depth),
+        mlp_ratio=per_stage(lambda s: s.mlp_ratio),
+        attention_drop_rate=per_stage(lambda s: s.attn_drop_rate),
+        drop_rate=per_stage(lambda s: s.drop_rate),
+        drop_path_rate=per_stage(lambda s: s.drop_path_rate),
+        qkv_bias=per_stage(lambda s: s.qkv_bias),
+        cls_token=per_stage(lambda s: s.cls_token),
+        qkv_projection_method=per_stage(lambda s: s.qkv_proj_method),
+        kernel_qkv=per_stage(lambda s: s.kernel_qkv),
+        padding_kv=per_stage(lambda s: s.padding_kv),
+        stride_kv=per_stage(lambda s: s.stride_kv),
+        padding_q=per_stage(lambda s: s.padding_q),
+        stride_q=per_stage(lambda s: s.stride_q),
+        layer_norm_eps=mc.ln_eps,
+    )
+
+
+def official_differences(mc) -> tuple[list[str], list[str]]:
+    """As hf_differences, for the official microsoft/CvT code: it has no position embedding (ViT-style patches are
+    its conv with kernel == stride and no padding), and hard-codes QuickGELU and LayerNorm eps 1e-5."""
+    missing = [
+        f"model.stages.{i}.pos_embed=true (no position embeddings)" for i, s in enumerate(mc.stages) if s.pos_embed
+    ]
+    approx = [f"model.act={mc.act} (the official code uses QuickGELU)"] if mc.act != "quick_gelu" else []
+    if mc.ln_eps != 1e-5:
+        approx.append(f"model.ln_eps={mc.ln_eps} (the official code fixes 1e-5)")
+    return missing, approx
+
+
+def official_spec(mc) -> dict:
+    """The MODEL.SPEC block of an official CvT yaml for our model config (official_spec_to_config's inverse, up
+    to ViT-style patches, which become the equivalent conv)."""
+    patch = [s.embed == "patch" for s in mc.stages]
+    spec = {
+        "INIT": mc.init,
+        "NUM_STAGES": len(mc.stages),
+        "PATCH_SIZE": [s.patch_stride if p else s.patch_size for s, p in zip(mc.stages, patch)],
+        "PATCH_STRIDE": [s.patch_stride for s in mc.stages],
+        "PATCH_PADDING": [0 if p else s.patch_padding for s, p in zip(mc.stages, patch)],
+    }
+    for key in (
+        "dim_embed",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "drop_rate",
+        "attn_drop_rate",
+        "drop_path_rate",
+        "cls_token",
+        "qkv_proj_method",
+        "kernel_qkv",
+        "padding_kv",
+        "stride_kv",
+        "padding_q",
+        "stride_q",
+    ):
+        spec[key.upper()] = [getattr(s, key) for s in mc.stages]
+    return spec

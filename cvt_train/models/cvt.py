@@ -17,6 +17,8 @@ q/k/v Linear layers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,8 +92,9 @@ class Attention(nn.Module):
         k = self.proj_k(map_to_tokens(self.conv_proj_k(mkv)))  # (B, N / stride_kv^2, C)
         v = self.proj_v(map_to_tokens(self.conv_proj_v(mkv)))
         if self.has_cls:  # joined after the Linear layers (per token, so the same): the convs' gradients stay dense
-            q, k, v = (torch.cat((proj(cls), y), dim=1) for proj, y in
-                       ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v)))
+            q, k, v = (
+                torch.cat((proj(cls), y), dim=1) for proj, y in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
+            )
         q, k, v = (y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, heads, T, C/heads)
         x = self.attend(q, k, v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
         return self.proj_drop(self.proj(x))
@@ -168,6 +171,8 @@ class CvT(nn.Module):
             in_chans = s.dim_embed
         self.stages = nn.ModuleList(stages)
         self.num_features = in_chans
+        # timm's description of the stage maps a backbone returns: channels, stride to the input, module name
+        self.feature_info = feature_info(cfg)
         self.norm = nn.LayerNorm(in_chans, eps=cfg.ln_eps)
         self.head = nn.Linear(in_chans, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self._checked_sizes: set[tuple[int, int]] = set()
@@ -197,23 +202,162 @@ class CvT(nn.Module):
         """Names of parameters kept out of weight decay: norms, biases, cls tokens, position embeddings."""
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(("cls_token", "pos_embed"))}
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Host-side checks of an input size, once per size: a clear message instead of a conv error deep inside."""
+        if torch.compiler.is_compiling():  # a guard on the set would recompile each new size
+            return
+        size = tuple(x.shape[-2:])
+        if size not in self._checked_sizes:
+            stage_map_sizes(self.cfg, size)
+            self._checked_sizes.add(size)
+        if self.training and x.shape[0] == 1 and not any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+            check_batch_of_one(self.cfg, size)  # (SyncBatchNorm pools the statistics of every rank's batch)
+
+    def pool(self, x: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's map (B, C, H, W) and cls token (B, 1, C) -> the (B, C) features the head classifies."""
+        if cls is not None:
+            return self.norm(cls[:, 0])
+        return self.norm(map_to_tokens(x)).mean(dim=1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():  # host-side checks: a guard on the set would recompile each new size
-            size = tuple(x.shape[-2:])
-            if size not in self._checked_sizes:  # a clear message instead of a conv error deep inside
-                stage_map_sizes(self.cfg, size)
-                self._checked_sizes.add(size)
-            if self.training and x.shape[0] == 1 and not any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
-                check_batch_of_one(self.cfg, size)  # (SyncBatchNorm pools the statistics of every rank's batch)
+        self.check_input(x)
         cls = None
         for stage in self.stages:
             x, cls = stage(x)
-        if cls is not None:
-            return self.norm(cls[:, 0])  # (B, C)
-        return self.norm(map_to_tokens(x)).mean(dim=1)  # (B, C)
+        return self.pool(x, cls)  # (B, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+    # ------------------------------------------------------------------------------ backbone for dense tasks
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's contract: the stage maps `indices` selects, and the final features.
+
+        indices: None = every stage, an int n = the last n stages, a list = those stages (negative from the end).
+        The maps are each stage's output without its cls token, as the official code returns them: (B, C_i, H_i, W_i)
+        for output_fmt="NCHW", (B, H_i * W_i, C_i) for "NLC". norm: the final LayerNorm on the last stage's map (the
+        one map of its width). stop_early: run no stage after the last selected one (intermediates_only implies it:
+        nothing after is used). Returns the list alone with intermediates_only, else (final, list): final is
+        forward_features(x), the (B, C) input of `head`, when the last stage ran, and the output of the last stage
+        that ran (in output_fmt) when stop_early ended before it.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = take_indices(len(self.stages), indices)
+        self.check_input(x)
+        stages = self.stages[: last + 1] if stop_early or intermediates_only else self.stages
+        maps, cls = [], None
+        for i, stage in enumerate(stages):
+            x, cls = stage(x)  # (B, C_i, H_i, W_i), (B, 1, C_i) or None
+            if i in take:
+                y = x
+                if norm and i == len(self.stages) - 1:
+                    y = tokens_to_map(self.norm(map_to_tokens(x)), *x.shape[-2:])
+                maps.append(map_to_tokens(y) if output_fmt == "NLC" else y)
+        if intermediates_only:
+            return maps
+        if len(stages) < len(self.stages):
+            return (map_to_tokens(x) if output_fmt == "NLC" else x), maps
+        return self.pool(x, cls), maps
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] | None = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what forward_intermediates(indices) does not need: the stages after the last selected one, the head
+        (prune_head) and the final norm (prune_norm, or when the last stage goes: it has that stage's width).
+        self.cfg is cut to the stages kept; returns the absolute indices."""
+        take, last = take_indices(len(self.stages), indices)
+        if not prune_head and last < len(self.stages) - 1:
+            raise ValueError(
+                "prune_intermediate_layers: the head classifies the last stage's features; keeping it "
+                "while pruning that stage needs prune_head=True"
+            )
+        self.stages = self.stages[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm or last < len(self.cfg.stages) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.head = nn.Identity()
+        self.num_features = self.cfg.stages[last].dim_embed
+        self.cfg = dataclasses.replace(
+            self.cfg, stages=self.cfg.stages[: last + 1], num_classes=0 if prune_head else self.cfg.num_classes
+        )
+        self._checked_sizes.clear()
+        return take
+
+
+def take_indices(num_stages: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+    """timm's `feature_take_indices`: None = all, n = the last n, a list = those (negative from the end);
+    returns the absolute indices and the largest."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices: the last {indices} stages of {num_stages}; use 1 to {num_stages}")
+        take = list(range(num_stages - indices, num_stages))
+    else:
+        take = [i + num_stages if i < 0 else i for i in indices]
+        bad = [i for i, j in zip(indices, take) if not 0 <= j < num_stages]
+        if bad or not take:
+            raise ValueError(
+                f"indices: {list(indices)} selects no stage or one out of range; a model with "
+                f"{num_stages} stages has indices 0 to {num_stages - 1} (or -{num_stages} to -1)"
+            )
+    return take, max(take)
+
+
+def feature_info(cfg: ModelConfig) -> list[dict]:
+    """Per stage: num_chs (C_i), reduction (the input's size over the map's, the product of the embedding strides:
+    4, 8, 16 for CvT-13; exact when the input size is a multiple of it) and module (`stages.i`), as in timm."""
+    info, reduction = [], 1
+    for i, s in enumerate(cfg.stages):
+        reduction *= s.patch_stride
+        info.append({"num_chs": s.dim_embed, "reduction": reduction, "module": f"stages.{i}"})
+    return info
+
+
+class Backbone(nn.Module):
+    """A CvT trunk that returns its stage maps [(B, C_i, H_i, W_i) for i in out_indices], for detection and
+    segmentation necks (FPN, UPerNet); `feature_info` lists each map's channels and stride. The model keeps its own
+    names under `model.` (`model.stages.0...`), and nothing after the last map it returns."""
+
+    def __init__(self, model: CvT, out_indices: tuple[int, ...] = (0, 1, 2), output_fmt: str = "NCHW"):
+        super().__init__()
+        self.out_indices = model.prune_intermediate_layers(list(out_indices), prune_norm=True, prune_head=True)
+        self.model, self.output_fmt = model, output_fmt
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(
+            x, self.out_indices, output_fmt=self.output_fmt, intermediates_only=True
+        )
+
+
+def create_backbone(
+    name_or_config="cvt13",
+    out_indices: tuple[int, ...] = (0, 1, 2),
+    checkpoint=None,
+    use_ema: bool = False,
+    output_fmt: str = "NCHW",
+    **overrides,
+) -> Backbone:
+    """A CvT backbone: the preset (or model config) with its keyword overrides, the weights of `checkpoint` when
+    given (ours, official or HF, the file's classifier ignored), cut after the last of `out_indices`."""
+    from .convert import load_checkpoint  # (convert imports nothing from here; kept local to read top to bottom)
+    from .presets import model_config
+
+    model = CvT(model_config(name_or_config, **overrides))
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, drop_head=True, use_ema=use_ema)
+    return Backbone(model, tuple(out_indices), output_fmt)
 
 
 COMPILE_MODES = ("full", "regional")
@@ -245,4 +389,13 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["CvT", "QuickGELU", "compile_model", "num_params"]
+__all__ = [
+    "Backbone",
+    "CvT",
+    "QuickGELU",
+    "compile_model",
+    "create_backbone",
+    "feature_info",
+    "num_params",
+    "take_indices",
+]

@@ -97,8 +97,11 @@ class ConvProjection(nn.Sequential):
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         device = m.device.type
-        if (m.dtype == self.conv.weight.dtype and torch.amp.is_autocast_available(device)
-                and torch.is_autocast_enabled(device)):
+        if (
+            m.dtype == self.conv.weight.dtype
+            and torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device)
+        ):
             with torch.autocast(device, enabled=False):
                 return self._conv_bn(m)
         return self._conv_bn(m)
@@ -160,5 +163,12 @@ class SoftmaxAttention(nn.Module):
         return attn @ v
 
 
-__all__ = ["ConvProjection", "QuickGELU", "SoftmaxAttention", "compute_dtype", "conv_projection", "make_act",
-           "projection_inputs"]
+__all__ = [
+    "ConvProjection",
+    "QuickGELU",
+    "SoftmaxAttention",
+    "compute_dtype",
+    "conv_projection",
+    "make_act",
+    "projection_inputs",
+]

@@ -7,9 +7,10 @@ Presets live in `cvt_train/conf/model/*.yaml` (also the Hydra `model` group), so
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,7 +26,9 @@ ACTS = ("quick_gelu", "gelu")
 
 @dataclass
 class StageConfig:
-    embed: str = rule("conv", choices=EMBED_METHODS, what="embedding")  # conv: overlapping; patch: ViT-style, kernel == stride
+    embed: str = rule(
+        "conv", choices=EMBED_METHODS, what="embedding"
+    )  # conv: overlapping; patch: ViT-style, kernel == stride
     patch_size: int = rule(3, ge=1)
     patch_stride: int = rule(2, ge=1)
     patch_padding: int = rule(1, ge=0)
@@ -75,8 +78,10 @@ def model_config(cfg: Any, **overrides: Any) -> ModelConfig:
         try:
             OmegaConf.update(data, key, value, merge=False)
         except (OmegaConfBaseException, TypeError, IndexError) as e:  # e.g. stages.5.depth on a 3-stage model
-            raise UserError(f"model.{key}: cannot set this key ({' '.join(str(e).split())}); "
-                            f"the model has {len(data.get('stages') or [])} stages, indexed from 0") from e
+            raise UserError(
+                f"model.{key}: cannot set this key ({' '.join(str(e).split())}); "
+                f"the model has {len(data.get('stages') or [])} stages, indexed from 0"
+            ) from e
     data = OmegaConf.to_container(data, resolve=False)  # resolved above: a `${` left in a value is text
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
@@ -102,19 +107,28 @@ def validate(cfg: ModelConfig) -> None:
             if s.stride_q != 1:
                 raise UserError(
                     f"{w}.stride_q: a query stride of {s.stride_q} shrinks the output below the residual's size "
-                    "(the official code has the same limit); use stride_q=1 and change stride_kv instead")
+                    "(the official code has the same limit); use stride_q=1 and change stride_kv instead"
+                )
             if s.kernel_qkv % 2 == 0:
-                raise UserError(f"{w}.kernel_qkv: an even kernel ({s.kernel_qkv}) cannot keep the query map's size; "
-                                "use an odd kernel_qkv such as 3")
+                raise UserError(
+                    f"{w}.kernel_qkv: an even kernel ({s.kernel_qkv}) cannot keep the query map's size; "
+                    "use an odd kernel_qkv such as 3"
+                )
             if 2 * s.padding_q + 1 != s.kernel_qkv:
-                raise UserError(f"{w}.padding_q: with kernel_qkv {s.kernel_qkv} the query map keeps its size only with "
-                                f"padding_q {(s.kernel_qkv - 1) // 2}, got {s.padding_q}")
+                raise UserError(
+                    f"{w}.padding_q: with kernel_qkv {s.kernel_qkv} the query map keeps its size only with "
+                    f"padding_q {(s.kernel_qkv - 1) // 2}, got {s.padding_q}"
+                )
         elif s.stride_q != 1:  # q is not projected at all: a stride would be silently ignored
-            raise UserError(f"{w}.stride_q: qkv_proj_method={s.qkv_proj_method} leaves the queries unprojected, so "
-                            f"stride_q={s.stride_q} would have no effect; leave it at 1")
+            raise UserError(
+                f"{w}.stride_q: qkv_proj_method={s.qkv_proj_method} leaves the queries unprojected, so "
+                f"stride_q={s.stride_q} would have no effect; leave it at 1"
+            )
         if s.qkv_proj_method == "avg" and 2 * s.padding_kv > s.kernel_qkv:
-            raise UserError(f"{w}.padding_kv: average pooling allows at most half the kernel as padding "
-                            f"(kernel_qkv {s.kernel_qkv}), got {s.padding_kv}")
+            raise UserError(
+                f"{w}.padding_kv: average pooling allows at most half the kernel as padding "
+                f"(kernel_qkv {s.kernel_qkv}), got {s.padding_kv}"
+            )
     stage_map_sizes(cfg, (cfg.image_size, cfg.image_size))
 
 
@@ -143,14 +157,18 @@ def stage_geometry(cfg: ModelConfig, image_size: tuple[int, int]) -> list[tuple[
             raise UserError(
                 f"model.stages.{i}.patch_stride: a {image_size[0]}x{image_size[1]} input leaves a {hw[0]}x{hw[1]} map "
                 f"before stage {i}, too small for its embedding (kernel {k}, stride {st}, padding {p}); "
-                "lower a patch_stride or raise the image size")
+                "lower a patch_stride or raise the image size"
+            )
         kv = new
         if s.qkv_proj_method != "linear":
-            kv = tuple(_conv_out(n, s.kernel_qkv, s.stride_kv, s.padding_kv, ceil=s.qkv_proj_method == "avg") for n in new)
+            kv = tuple(
+                _conv_out(n, s.kernel_qkv, s.stride_kv, s.padding_kv, ceil=s.qkv_proj_method == "avg") for n in new
+            )
             if min(kv) < 1:
                 raise UserError(
                     f"model.stages.{i}.kernel_qkv: the {new[0]}x{new[1]} map of stage {i} is too small for the k/v "
-                    f"projection (kernel {s.kernel_qkv}, padding {s.padding_kv}); lower kernel_qkv or raise padding_kv")
+                    f"projection (kernel {s.kernel_qkv}, padding {s.padding_kv}); lower kernel_qkv or raise padding_kv"
+                )
         sizes.append((new, kv))
         hw = new
     return sizes
@@ -161,9 +179,11 @@ def check_batch_of_one(cfg: ModelConfig, image_size: tuple[int, int]) -> None:
     refuses deep inside the forward; say which stage and what to do instead."""
     for i, (s, (hw, kv)) in enumerate(zip(cfg.stages, stage_geometry(cfg, image_size))):
         if s.qkv_proj_method == "dw_bn" and min(hw[0] * hw[1], kv[0] * kv[1]) == 1:
-            raise UserError(f"model.stages.{i}: training on a batch of 1 at {image_size[0]}x{image_size[1]} leaves "
-                            f"the dw_bn projection's BatchNorm a 1x1 map, one value per channel; train with a batch "
-                            "of 2 or more, a larger image, or evaluate in eval mode")
+            raise UserError(
+                f"model.stages.{i}: training on a batch of 1 at {image_size[0]}x{image_size[1]} leaves "
+                f"the dw_bn projection's BatchNorm a 1x1 map, one value per channel; train with a batch "
+                "of 2 or more, a larger image, or evaluate in eval mode"
+            )
 
 
 def preset_names() -> list[str]:
