@@ -94,6 +94,7 @@ class TrainerConfig:
     compile: bool = False
     compile_mode: str = rule("default", choices=COMPILE_MODES, what="torch.compile mode")
     tf32: bool = True
+    threads: int | None = rule(None, ge=1)
     dist_timeout_min: float = rule(60.0, ge=1)
     sync_bn: bool = False
     seed: int = rule(0, ge=0)

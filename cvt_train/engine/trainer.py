@@ -31,6 +31,7 @@ from ..flops import count_macs
 from ..models import CvT, model_config, num_params
 from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from . import distributed
+from .allocation import set_threads
 from .checkpoint import (
     FORMAT_VERSION,
     fault_point,
@@ -98,6 +99,7 @@ class Trainer:
         validate(cfg)
         self.cfg, tcfg = cfg, cfg.trainer
         self.dist = dist = init_distributed(tcfg.device, tcfg.dist_timeout_min)
+        set_threads(tcfg.threads)
         self.run_dir = Path(broadcast_object(str(run_dir)))
         if tcfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -222,7 +224,8 @@ class Trainer:
             ) from e
         write_text_atomic(OmegaConf.to_yaml(self.config_dict), self.run_dir / "config.yaml")  # resolved
         log.info(
-            "model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d)",
+            "model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d, "
+            "world size %d)",
             cfg.model.name,
             self.run_info["params"] / 1e6,
             cfg.data.name,
@@ -231,6 +234,7 @@ class Trainer:
             data.num_classes,
             lr,
             global_batch,
+            self.dist.world_size,
         )
         if not self.skips_on_device:
             log.warning(
