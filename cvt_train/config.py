@@ -212,11 +212,9 @@ def register() -> None:
 register()
 
 
-def check_group(
-    cfg: Any, group: str, schema: type | None = None, keep_unknown: bool = False, allow_missing: bool = False
-) -> DictConfig:
+def check_group(cfg: Any, group: str, schema: type | None = None, keep_unknown: bool = False) -> DictConfig:
     """typed() then check_values() for cfg[group] (a typed or a plain section); returns the typed section."""
     schema = schema or GROUPS[group]
     node = typed(cfg[group], schema, f"{group}.", keep_unknown=keep_unknown)
-    check_values(node, schema, f"{group}.", allow_missing=allow_missing)
+    check_values(node, schema, f"{group}.")
     return node

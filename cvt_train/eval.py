@@ -86,9 +86,10 @@ def user_overrides() -> tuple[set[str], list[str]]:
     return groups, keys
 
 
-def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
-    """The config to evaluate with: the checkpoint's own (for our checkpoints) under the user's overrides."""
-    groups, keys = user_overrides()
+def checkpoint_groups(cfg: DictConfig, obj: Any, groups: set[str], keys: list[str], example: str) -> DictConfig:
+    """The model / data / aug sections to use a checkpoint with (cvt-eval, cvt-export): one of ours brings its own
+    (plain data), under the groups the user chose and the keys the user set; a weight file without a config takes
+    the user's, who must then name the model (`example` says how)."""
     if is_own_checkpoint(obj):
         stored = stored_config(obj, f"ckpt={cfg.ckpt}")
         out = OmegaConf.create({g: stored[g] for g in GROUPS if g in stored})
@@ -98,13 +99,17 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
         for key in keys:
             if key.split(".")[0] in GROUPS:
                 OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
-    else:
-        if "model" not in groups:
-            raise UserError(
-                f"ckpt: {cfg.ckpt} is not a cvt-train checkpoint (no stored config); name its "
-                "architecture and data, e.g. model=cvt13 data=imagenet data.root=/data/imagenet"
-            )
-        out = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=True) for g in GROUPS})
+        return out
+    if "model" not in groups:
+        raise UserError(f"ckpt: {cfg.ckpt} is not a cvt-train checkpoint (no stored config); name its {example}")
+    return OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=True) for g in GROUPS})
+
+
+def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
+    """The config to evaluate with: the checkpoint's own (for our checkpoints) under the user's overrides."""
+    groups, keys = user_overrides()
+    example = "architecture and data, e.g. model=cvt13 data=imagenet data.root=/data/imagenet"
+    out = checkpoint_groups(cfg, obj, groups, keys, example)
     out.trainer = cfg.trainer
     out.eval = cfg.eval
     if cfg.eval.resolution:

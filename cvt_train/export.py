@@ -369,30 +369,20 @@ def validate(cfg) -> None:
 def export_from_config(cfg, groups: set[str] = frozenset(), keys: set[str] = frozenset()) -> dict:
     """The whole command: read ckpt, build its model (its own config, or model= for weight files), gather class
     names / data / recipe / metrics, export in cfg.format to cfg.out, print the result as one JSON line."""
-    from omegaconf import OmegaConf
-
-    from .eval import is_own_checkpoint, stored_config
+    from .eval import checkpoint_groups, is_own_checkpoint, stored_config
 
     validate(cfg)
     obj = read_file(cfg.ckpt)
     own = is_own_checkpoint(obj)
     source = f"ckpt={cfg.ckpt}"
     sd = extract_state_dict(obj, use_ema=cfg.ema, source=source)
-    if own:  # the stored config, as inert data, under the user's group choices and dotted overrides
+    example = "architecture, e.g. model=cvt13 (and data=... for id2label and the logit check)"
+    run = checkpoint_groups(cfg, obj, groups, list(keys), example)
+    if own:
         stored = stored_config(obj, source)
-        run = OmegaConf.create({g: (cfg[g] if g in groups or g not in stored else stored[g]) for g in GROUPS})
-        for key in keys:
-            if key.split(".")[0] in GROUPS:
-                OmegaConf.update(run, key, OmegaConf.select(cfg, key), merge=False)
         has_data = "data" in stored or "data" in groups
         recipe = _recipe(stored)
     else:
-        if "model" not in groups:
-            raise UserError(
-                f"ckpt: {cfg.ckpt} is not a cvt-train checkpoint (no stored config); name its "
-                "architecture, e.g. model=cvt13 (and data=... for id2label and the logit check)"
-            )
-        run = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=True) for g in GROUPS})
         classes = head_classes(sd)
         if classes is not None and "model.num_classes" not in keys:
             run.model.num_classes = classes

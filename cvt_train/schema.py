@@ -265,9 +265,7 @@ def _in_range(x: Any, meta: Mapping, pre: str = "") -> bool:
     return x == x and all(test(meta[pre + name]) for name, test in bounds.items() if pre + name in meta)
 
 
-def check_values(
-    node: DictConfig, schema: type, prefix: str, allow_missing: bool = False, only: set[str] | None = None
-) -> None:
+def check_values(node: DictConfig, schema: type, prefix: str, only: set[str] | None = None) -> None:
     """What a field's metadata declares beyond its type (range, choices, list length and item range) and `???`
     values left unset, for one typed section (its fields named in `only`, if given); one UserError line naming the
     first key that breaks one."""
@@ -277,8 +275,6 @@ def check_values(
             continue
         key, meta, tp = f"{prefix}{f.name}", f.metadata, hints[f.name]
         if OmegaConf.is_missing(node, f.name):
-            if allow_missing:  # the caller fills it in (the data module: the classes it counted)
-                continue
             raise UserError(f"{key} is not set; set {key}=<{expected_text(f, tp).removesuffix(' or null')}>")
         value = node[f.name]
         if value is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import hydra
@@ -12,7 +13,8 @@ from omegaconf import DictConfig
 
 from . import config as _config  # noqa: F401  (registers the schemas before @hydra.main composes)
 from .cli import check_overrides, friendly_errors, prepare_distributed_argv
-from .engine.distributed import cleanup
+from .engine.distributed import cleanup, lost_peer
+from .errors import UserError
 from .sweep import summarize
 
 
@@ -21,11 +23,25 @@ from .sweep import summarize
 def run(cfg: DictConfig) -> float:
     from .engine.trainer import Trainer
 
+    finished = False
     try:
         trainer = Trainer(cfg, HydraConfig.get().runtime.output_dir)
         best_top1 = trainer.fit()
+        finished = True
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        # another rank died (torchrun stops the others with SIGTERM): no step, no save is finished without it. One
+        # line instead of a traceback; the dead rank's own output says why it died
+        rank = int(os.environ.get("RANK", "0"))
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split()))  # ([gloo's source file:line] ...)
+        reason = re.split(r"\.\s", reason, maxsplit=1)[0][:200]  # its first sentence
+        raise UserError(
+            f"rank {rank}: another rank is gone ({reason}); stopping. Under torchrun --max-restarts the group "
+            "restarts and trainer.resume=auto continues from last.pt"
+        ) from e
     finally:
-        cleanup()
+        cleanup(graceful=finished)
     hydra_cfg = HydraConfig.get()
     if trainer.stop_signal and hydra_cfg.mode == RunMode.MULTIRUN and not os.environ.get("SUBMITIT_EXECUTOR"):
         # a stop signal ends a sequential sweep, not just this job (its last.pt is written), with the signal's exit

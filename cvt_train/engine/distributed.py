@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,6 +16,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from ..errors import UserError
+from .allocation import export_srun_env
 
 log = logging.getLogger("cvt_train")
 
@@ -69,22 +72,65 @@ def export_submitit_env() -> bool:
 
 
 def init_distributed(device_name: str, timeout_min: float = 60) -> DistInfo:
-    """Join the process group torchrun (or a multi-task submitit job) describes in the environment (NCCL on GPU,
-    gloo on CPU); else single process. timeout_min: how long a collective waits for the slowest rank (eight ranks
-    compiling at once, or rank 0 writing a multi-GB checkpoint, can take well over torch's 10-minute default)."""
-    export_submitit_env()
+    """Join the process group torchrun (or a multi-task submitit job, or a plain `srun --ntasks=N`) describes in the
+    environment (NCCL on GPU, gloo on CPU); else single process. timeout_min: how long a collective waits for the
+    slowest rank (eight ranks compiling at once, or rank 0 writing a multi-GB checkpoint, can take well over torch's
+    10-minute default)."""
+    export_submitit_env() or export_srun_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if world_size > 1 and not tdist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        timeout = timedelta(minutes=timeout_min)
+        store = group_store(rank, timeout)  # under torchrun; else env:// (MASTER_ADDR/PORT)
         tdist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            timeout=timedelta(minutes=timeout_min),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
+            **({"store": store, "rank": rank, "world_size": world_size} if store is not None else {}),
         )
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def group_store(rank: int, timeout: timedelta, connect_s: float = 10.0) -> tdist.Store | None:
+    """Under torchrun: a store of this worker group's own, hosted by global rank 0 on a free port. None elsewhere.
+
+    torchrun's agent hosts one store for every worker group it starts (`TORCHELASTIC_USE_AGENT_STORE=True`), and
+    the group it starts after a worker died (`--max-restarts`) finds the dead group's keys still there: gloo's ranks
+    read the dead workers' addresses and retry them ("failed to connect"), so the restarted group fails, using up
+    the restarts, or waits out the collective timeout. Rank 0 publishes its store's port with a random token in the
+    agent's store; every other rank skips the value it (as the rank's previous process) took before, and takes the
+    value only once the store it names answers with the same token: a dead group's store is gone with its rank 0.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = tdist.PrefixStore(
+        f"cvt_train/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/", tdist.TCPStore(host, port, None, False, timeout)
+    )
+    if rank == 0:
+        store = tdist.TCPStore(host, 0, None, True, timeout, wait_for_workers=False)
+        token = f"{store.port} {secrets.token_hex(8)}"
+        store.set("token", token)
+        agent.set("group_store", token)
+        return store
+    taken, deadline = f"taken/{rank}", time.monotonic() + timeout.total_seconds()
+    while True:
+        token = agent.get("group_store").decode()  # waits for the first rank 0 to publish
+        if not agent.check([taken]) or agent.get(taken).decode() != token:
+            try:
+                store = tdist.TCPStore(host, int(token.split()[0]), None, False, timedelta(seconds=connect_s))
+                if store.get("token").decode() == token:
+                    agent.set(taken, token)
+                    store.set_timeout(timeout)
+                    return store
+            except tdist.DistError as e:  # a dead group's rank 0 (its rank died before taking it)
+                log.debug("rank %d: no store at port %s (%s); waiting for rank 0", rank, token.split()[0], e)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: rank 0 published no process-group store within {timeout}")
+        time.sleep(0.05)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -112,9 +158,18 @@ def broadcast_object(obj, src: int = 0):
     return obj
 
 
-def cleanup() -> None:
-    if tdist.is_initialized():
+def cleanup(graceful: bool = True) -> None:
+    """Leave the process group. After an error (graceful=False) the group is left as it is for the exit to end: a
+    group with a dead rank can hang in its teardown (NCCL), where the next thing should be torchrun's restart."""
+    if graceful and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective or the store failing because another rank is gone (killed, crashed, its node
+    lost): gloo's transport errors ("Connection reset by peer", "Connection closed by peer"), torch's DistError
+    (NCCL's errors and time-outs, the store's)."""
+    return tdist.is_initialized() and (isinstance(error, tdist.DistError) or "gloo/transport" in str(error))
 
 
 def on_main(work: Callable[[], object], dist: DistInfo) -> None:
@@ -155,6 +210,8 @@ def check_ranks_agree(model: nn.Module, dist: DistInfo) -> None:
     gathered = [torch.zeros_like(local) for _ in range(dist.world_size)]
     tdist.all_gather(gathered, local)
     sums = [g.item() for g in gathered]
+    if not dist.is_main:  # each rank says what it holds (on its own output: its node's log under multi-node)
+        log.info("weight checksum of rank %d: %r", dist.rank, local.item())
     if dist.is_main:
         same = all(s == sums[0] for s in sums)
         log.info("weight checksums per rank: %s (%s)", sums, "identical" if same else "DIFFERENT")

@@ -48,7 +48,12 @@ class StopRequest:
 
     def requested(self, dist: DistInfo) -> bool:
         """Whether a stop signal came: this process's flag alone, or, under DDP, whether any rank got one (so that
-        every rank stops at the same step; call it at the same steps on every rank); adopts its number."""
+        every rank stops at the same step; call it at the same steps on every rank); adopts its number.
+
+        Under torchrun a SIGTERM also comes when another rank died (torchrun stops the survivors before it restarts
+        the group): then this all-reduce, like the step's own, fails (gloo at once, NCCL at trainer.dist_timeout_min)
+        and the process ends with one line (train.py) without saving: a step is never finished, nor last.pt written,
+        without every rank. The last.pt already written is where the restarted group resumes."""
         if not dist.enabled:
             return self.signum is not None
         signum = int(all_reduce_max(torch.full((1,), self.signum or 0, device=dist.device)).item())

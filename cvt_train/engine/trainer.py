@@ -156,11 +156,17 @@ class Trainer:
 
     def _resume_path(self) -> Path | None:
         resume = self.cfg.trainer.resume
-        if resume == "auto":
+        if resume == "auto":  # rank 0 decides: every rank must start where it does
             last = self.run_dir / "last.pt"
-            if not last.is_file() and self.dist.is_main:
+            found = broadcast_object(last.is_file())
+            if found and not last.is_file():
+                raise UserError(
+                    f"trainer.resume=auto: rank {self.dist.rank} cannot see {last}, which rank 0 resumes from; put "
+                    "hydra.run.dir on a file system every node sees"
+                )
+            if not found and self.dist.is_main:
                 log.info("trainer.resume=auto: no %s yet, starting fresh", last)
-            return last if last.is_file() else None
+            return last if found else None
         return Path(str(resume)) if resume else None
 
     def _remove_stale_temporaries(self) -> None:

@@ -251,9 +251,14 @@ def hf_differences(mc) -> tuple[list[str], list[str]]:
     return missing, approx
 
 
-def hf_config(mc, allow_approx: bool = False, context: str = "format=hf"):
-    """HF transformers' CvtConfig for our model config; one UserError line (prefixed with `context`) for a model HF
-    cannot build, and for one it computes differently unless allow_approx."""
+def hf_config(
+    mc,
+    allow_approx: bool = False,
+    context: str = "format=hf",
+    advice: str = "format=safetensors or format=official keep it whole",
+):
+    """HF transformers' CvtConfig for our model config; one UserError line (prefixed with `context`, ending with
+    `advice`) for a model HF cannot build, and for one it computes differently unless allow_approx."""
     try:
         import transformers
     except ImportError as e:
@@ -261,8 +266,7 @@ def hf_config(mc, allow_approx: bool = False, context: str = "format=hf"):
     missing, approx = hf_differences(mc)
     if missing:
         raise UserError(
-            f"{context}: HF's CvT has no {'; '.join(missing)}; this model cannot be expressed there "
-            "(format=safetensors or format=official keep it whole)"
+            f"{context}: HF's CvT has no {'; '.join(missing)}; this model cannot be expressed there ({advice})"
         )
     if approx and not allow_approx:
         raise UserError(
