@@ -21,16 +21,15 @@ NODE="$(hostname -s)"
 fail() { echo "slurm_local: $*" >&2; exit 1; }
 
 install_packages() {
-  local missing=()
-  for cmd in munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client slurmdbd:slurmdbd \
-    mariadbd:mariadb-server; do
-    command -v "${cmd%%:*}" >/dev/null 2>&1 || [[ -x "/usr/sbin/${cmd%%:*}" ]] || missing+=("${cmd##*:}")
+  local missing=() pkg
+  for pkg in munge slurmctld slurmd slurm-client slurmdbd mariadb-server; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   [[ ${#missing[@]} -eq 0 ]] && return
   [[ $(id -u) -eq 0 ]] || fail "needs root to install ${missing[*]} (apt-get); run it as root or install them"
   command -v apt-get >/dev/null || fail "no apt-get: install ${missing[*]} with this system's package manager"
   apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 \
     || fail "apt-get install ${missing[*]} failed"
 }
 
