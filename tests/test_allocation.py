@@ -17,8 +17,9 @@ VARS = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "SLURM_STE
 
 @pytest.fixture
 def env(monkeypatch):
-    for var in VARS:
-        monkeypatch.delenv(var, raising=False)
+    for var in VARS:  # set, then removed: monkeypatch restores each as it was, also those export_srun_env sets
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     return monkeypatch
 
