@@ -21,13 +21,14 @@ def env(monkeypatch):
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(allocation, "_default_threads", 16)
     return monkeypatch
 
 
 def test_threads_come_from_the_first_source_that_says(env):
-    assert intra_op_threads(None) == (16, "16 CPUs in this process's affinity")
+    assert intra_op_threads(None) == (16, "16 CPUs for this process")
     env.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four ranks share the node's CPUs
-    assert intra_op_threads(None) == (4, "16 CPUs in this process's affinity / 4 ranks")
+    assert intra_op_threads(None) == (4, "16 CPUs for this process / 4 ranks")
     env.setenv("SLURM_CPUS_PER_TASK", "6")
     assert intra_op_threads(None) == (6, "SLURM_CPUS_PER_TASK=6")
     env.setenv("OMP_NUM_THREADS", "2")
@@ -35,10 +36,15 @@ def test_threads_come_from_the_first_source_that_says(env):
     assert intra_op_threads(3) == (3, "trainer.threads")
 
 
+def test_torchs_default_caps_the_affinity(env):  # SMT: two logical CPUs per core, torch counts the cores
+    env.setattr(allocation, "_default_threads", 8)
+    assert intra_op_threads(None) == (8, "8 CPUs for this process")
+
+
 def test_srun_tasks_share_the_affinity_of_their_node(env):
     env.setenv("SLURM_STEP_ID", "0")
     env.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x2)")
-    assert intra_op_threads(None) == (2, "16 CPUs in this process's affinity / 8 ranks")
+    assert intra_op_threads(None) == (2, "16 CPUs for this process / 8 ranks")
 
 
 def test_plain_srun_sets_torchruns_variables(env):

@@ -11,6 +11,7 @@ import subprocess
 import torch
 
 log = logging.getLogger("cvt_train")
+_default_threads = torch.get_num_threads()  # torch's choice at import, before anything changes it
 
 
 def _ranks_on_this_node() -> int:
@@ -26,7 +27,8 @@ def _ranks_on_this_node() -> int:
 def intra_op_threads(requested: int | None) -> tuple[int, str]:
     """torch's intra-op threads for this process, and why: `trainer.threads` when set; else OMP_NUM_THREADS (set by
     the user, or by torchrun, which sets 1 per process unless it is set); else SLURM_CPUS_PER_TASK (what the job was
-    given per task); else the CPUs this process may run on (its affinity) shared among the ranks of this node.
+    given per task); else the CPUs this process may run on (its affinity, at most torch's default) shared among
+    the ranks of this node.
     Loader workers are processes of their own and come on top (data.num_workers)."""
     if requested is not None:
         return requested, "trainer.threads"
@@ -34,8 +36,9 @@ def intra_op_threads(requested: int | None) -> tuple[int, str]:
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:
             return int(value), f"{var}={value}"
-    cpus, ranks = len(os.sched_getaffinity(0)), _ranks_on_this_node()
-    return max(1, cpus // ranks), f"{cpus} CPUs in this process's affinity" + (f" / {ranks} ranks" if ranks > 1 else "")
+    # torch's own default counts physical cores, the affinity logical CPUs (two per core with SMT): the fewer
+    cpus, ranks = min(len(os.sched_getaffinity(0)), _default_threads), _ranks_on_this_node()
+    return max(1, cpus // ranks), f"{cpus} CPUs for this process" + (f" / {ranks} ranks" if ranks > 1 else "")
 
 
 def set_threads(requested: int | None) -> int:
