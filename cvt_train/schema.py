@@ -121,7 +121,7 @@ def lookup(schema: type, full_key: str) -> tuple[dataclasses.Field, Any] | None:
     for part in key_parts(full_key):
         if found is not None:
             inner = _unwrap(found[1])[0]
-            if typing.get_origin(inner) in (list, list) and part.isdigit():
+            if typing.get_origin(inner) is list and part.isdigit():
                 item = typing.get_args(inner)[0] if typing.get_args(inner) else Any
                 if dataclasses.is_dataclass(item):
                     cls, found = item, None
@@ -166,7 +166,7 @@ def expected_text(fld: dataclasses.Field, tp: Any) -> str:
             what = f"{what} {'<' if hi[0] == ')' else '<='} {_num(hi[1])}"
     elif inner is str:
         what = "a string"
-    elif typing.get_origin(inner) in (list, list):
+    elif typing.get_origin(inner) is list:
         what = "a list"
     elif dataclasses.is_dataclass(inner):
         what = "a mapping of its keys"
@@ -199,7 +199,7 @@ def type_error_message(schema: type, full_key: str, value: Any, prefix: str = ""
         parts
         and parts[-1].isdigit()
         and parts[-1] != fld.name
-        and typing.get_origin(_unwrap(tp)[0]) in (list, list)
+        and typing.get_origin(_unwrap(tp)[0]) is list
         and not dataclasses.is_dataclass((typing.get_args(_unwrap(tp)[0]) or [None])[0])
     ):
         key = ".".join(parts[:-1])  # optim.betas.1 -> optim.betas: the list is what the user gives
@@ -226,7 +226,7 @@ def schema_error(e: OmegaConfBaseException, schema: type, prefix: str = "") -> U
 def _item_class(tp: Any) -> type | None:
     """The dataclass a field of type `tp` holds, itself or as a list's items; None for scalars."""
     inner = _unwrap(tp)[0]
-    if typing.get_origin(inner) in (list, list):
+    if typing.get_origin(inner) is list:
         inner = (typing.get_args(inner) or [None])[0]
     return inner if dataclasses.is_dataclass(inner) else None
 

@@ -33,7 +33,7 @@ def wrong_value(tp) -> str | None:
         return "abc"
     if inner is str:
         return "[1,2]"
-    if typing.get_origin(inner) in (list, list):
+    if typing.get_origin(inner) is list:
         return "abc"
     return None  # Dict[str, Any] (ablation): free-form
 
@@ -45,7 +45,7 @@ def leaf_keys(cls: type, prefix: str = "") -> list[tuple[str, str]]:
     for f in dataclasses.fields(cls):
         tp, key = hints[f.name], f"{prefix}{f.name}"
         inner = _unwrap(tp)[0]
-        item = (typing.get_args(inner) or [None])[0] if typing.get_origin(inner) in (list, list) else None
+        item = (typing.get_args(inner) or [None])[0] if typing.get_origin(inner) is list else None
         if dataclasses.is_dataclass(inner):
             out += leaf_keys(inner, key + ".")
             if prefix:  # (top-level mappings are config groups: `model=3` names an option, tested in test_cli)
