@@ -122,9 +122,7 @@ def _composition_message(e: Exception, app: str, given: dict) -> str:
     if isinstance(e, MissingConfigException) and e.options is not None:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         return f"{group}={option}: no such option; choose one of {', '.join(e.options)}"
-    if (
-        isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)) and app in SCHEMAS
-    ):  # a key the schema does not have
+    if isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)) and app in SCHEMAS:  # a key it lacks
         return str(schema_error(e.__cause__, SCHEMAS[app]))
     if isinstance(e, ValueError):  # `model=3`: a group's option must be a config's name
         bad = [f"{k}={v}" for k, v in given.items() if "." not in k and not isinstance(v, (str, list))]
