@@ -23,7 +23,7 @@ from .config import EvalSection, EvalTrainer, check_group  # (importing config r
 from .data.transforms import aug_config
 from .errors import UserError
 from .flops import count_macs
-from .models import CvT, model_config, num_params
+from .models import CvT, ModelConfig, model_config, num_params
 from .models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from .schema import as_plain_data
 
@@ -122,10 +122,11 @@ def eval_config(cfg: DictConfig, obj: Any) -> DictConfig:
     return out
 
 
-def validate(cfg: DictConfig, ecfg: DictConfig) -> None:
+def validate(cfg: DictConfig, ecfg: DictConfig) -> ModelConfig:
     """cvt-eval's checks, once, before any data is read: its own keys (eval.*, trainer.*), then the config it
     evaluates with (the checkpoint's under the overrides: plain data, so its data and aug sections are checked
-    against their schemas here; keys the schema does not know are left as they are, plain data)."""
+    against their schemas here; keys the schema does not know are left as they are, plain data). Returns the
+    model config it checked."""
     check_group(cfg, "eval", EvalSection)
     check_group(cfg, "trainer", EvalTrainer)
     check_group(ecfg, "data", keep_unknown=True)
@@ -133,6 +134,7 @@ def validate(cfg: DictConfig, ecfg: DictConfig) -> None:
     mc = model_config(ecfg.model)
     if mc.num_classes != ecfg.data.num_classes:
         raise UserError(f"model.num_classes={mc.num_classes} does not match data.num_classes={ecfg.data.num_classes}")
+    return mc
 
 
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -143,8 +145,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     obj = read_file(cfg.ckpt)
     ecfg = eval_config(cfg, obj)
-    validate(cfg, ecfg)
-    mc = model_config(ecfg.model)
+    mc = validate(cfg, ecfg)
     sd = extract_state_dict(obj, use_ema=cfg.eval.ema, source=str(cfg.ckpt))
     classes = head_classes(sd)
     if classes is not None and classes != ecfg.data.num_classes:

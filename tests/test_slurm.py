@@ -59,20 +59,23 @@ def cvt_train(args: list[str], cwd: Path, env: dict, timeout: int = 900) -> subp
     )  # fmt: skip
 
 
-def job_states(job_ids: list[str], env: dict) -> dict[str, str]:
+def sacct(job_ids: list[str], fields: str, env: dict) -> list[list[str]]:
+    """One row of `fields` per job (allocations only, -X), as sacct prints them."""
     out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+        ["sacct", "-X", "-n", "-P", "-o", fields, "-j", ",".join(job_ids)],
         env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    return dict(line.split("|")[:2] for line in out.splitlines() if line)  # "CANCELLED by 0": keep the spaces
+    return [line.split("|") for line in out.splitlines() if line]  # "CANCELLED by 0": split on | alone
+
+
+def job_states(job_ids: list[str], env: dict) -> dict[str, str]:
+    return {job: state for job, state in sacct(job_ids, "JobID,State", env)}
 
 
 def job_times(job: str, env: dict) -> tuple[str, str]:
     """(start, end) of a job as sacct prints them (ISO 8601: they compare as strings)."""
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "Start,End", "-j", job], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    return tuple(out.split()[0].split("|"))
+    ((start, end),) = sacct([job], "Start,End", env)
+    return start, end
 
 
 def submitit_jobs(sweep: Path) -> list[str]:
