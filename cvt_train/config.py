@@ -36,7 +36,11 @@ class DataConfig:
         [0.229, 0.224, 0.225], expected="3 numbers > 0 (per RGB channel, 0..1 pixel scale)", length=3, item_gt=0
     )
     batch_size: int = rule(64, ge=1)
-    num_workers: int = rule(0, ge=0)
+    num_workers: int | None = rule(None, ge=0)  # null: from the CPUs of this rank (engine/allocation.py)
+    decode: str = rule("auto", choices=("auto", "full", "scaled", "gpu"), what="decoder")  # data/decode.py
+    augment_on: str = rule("auto", choices=("auto", "device", "workers"), what="place")  # data/batch_stage.py
+    format: str = rule("files", choices=("files", "shards"), what="format")  # shards: scripts/make_shards.py
+    shard_window: int = rule(8, ge=1)  # shards: the epoch shuffles shards, then samples within runs of this many
     download: bool = False
     val_split: float | None = rule(
         0.0, ge=0, lt=1, hint="0 validates on the dataset's val/test split, 0.1 holds out 10% of train instead"

@@ -31,6 +31,10 @@ Sections (`--sections a,b` runs a subset and keeps the other sections of an exis
                (count over B steps - count over A steps) / (B - A), EMA off and on; expected 0.
   cifar_speed  cvt_cifar_tiny and cvt13_cifar at 32x32, batch 256: training images/s eager vs
                torch.compile(mode="reduce-overhead") (CUDA graphs), timed alternately.
+  loader       the ImageNet input pipeline (issue 12) on generated 500x375 JPEGs, aug=imagenet, batch 256:
+               images/s of Data.train_batches with data.decode=scaled (CPU workers) and =gpu (nvJPEG); the batch
+               stage's time per batch on the device (CUDA events) and its CUDA syncs (set_sync_debug_mode, expected
+               none); nvJPEG's batches against libjpeg-turbo's on the same crops.
 
 Each section runs in a subprocess of its own (`--section NAME`, which writes its figures to a part file as it
 measures them) under its own time cap, and the whole run under --budget; the parent merges each section into
@@ -64,15 +68,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("bench", "precision", "resume", "syncs", "cifar_speed")  # the report's order
+SECTIONS = ("bench", "precision", "resume", "syncs", "cifar_speed", "loader")  # the report's order
 # The run's order: the checks first (each well under a minute on a GPU), then the measurements whose time goes
 # mostly into torch.compile (CvT-13's training and inference graphs, two training graphs in cifar_speed), so that
 # a slow compile costs figures of its own section only.
-RUN_ORDER = ("precision", "resume", "syncs", "bench", "cifar_speed")
+RUN_ORDER = ("precision", "resume", "syncs", "loader", "bench", "cifar_speed")
 # Time cap of each section in seconds, (GPU, CPU). The whole run stops at --budget: on a GPU under 6 minutes with
 # start-up and pip install, so that a rerun fits in 15 minutes of device time.
-CAPS = {"bench": (170, 90), "precision": (70, 60), "resume": (70, 60), "syncs": (50, 50), "cifar_speed": (130, 60)}
-BUDGET_S = 340
+CAPS = {
+    "bench": (170, 90),
+    "precision": (70, 60),
+    "resume": (70, 60),
+    "syncs": (50, 50),
+    "cifar_speed": (130, 60),
+    "loader": (60, 60),
+}
+BUDGET_S = 380
 # CvT-13's geometry with small widths and depths (tests/conftest.py's TINY): the --quick CPU stand-in for CvT-13.
 TINY = (
     "model.stages.0.dim_embed=16",
@@ -766,6 +777,109 @@ def section_cifar_speed(args, sizes: Sizes, res: Results, work: Path) -> None:
     ]
 
 
+# ---------------------------------------------------------------------------------------------- 6. loader
+def section_loader(args, sizes: Sizes, res: Results, work: Path) -> None:
+    """The ImageNet pipeline on generated JPEGs (random smooth fields plus noise, 500x375, quality 90; --quick on
+    a CPU: 64x48): images/s per decode mode, the batch stage on the device, its syncs, nvJPEG vs the CPU decoders."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cvt_train.data import build_data
+
+    cuda = args.device.startswith("cuda")
+    big = not args.quick or cuda
+    count, size, batch = (768, (500, 375), 256) if big else (24, (64, 48), 8)
+    image_size = 224 if big else 32
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        d = work / "jpegs" / "train" / f"c{k % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        smooth = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        noisy = np.clip(np.asarray(smooth, np.int16) + rng.integers(-24, 25, (size[1], size[0], 3)), 0, 255)
+        Image.fromarray(noisy.astype(np.uint8)).save(d / f"{k}.jpg", quality=90)
+    base = [
+        "data=imagenet",
+        f"data.root={work / 'jpegs'}",
+        "data.num_classes=4",
+        "data.val_split=0.05",
+        f"data.image_size={image_size}",
+        f"data.batch_size={batch}",
+        "aug=imagenet",
+        f"trainer.device={args.device}",
+    ]
+    modes = ["scaled", "gpu"] if cuda else ["scaled"]
+    runs = {}
+    for mode in modes:
+        data = build_data(compose("train", [*base, f"data.decode={mode}"]), device=args.device)
+        t0, images, first = time.perf_counter(), 0, None
+        for step, (x, _) in enumerate(data.train_batches(0)):
+            if step == 1:  # after the workers' start-up
+                if cuda:
+                    torch.cuda.synchronize()
+                t0, images = time.perf_counter(), 0
+            images += x.shape[0]
+            first = x if first is None else first
+        if cuda:
+            torch.cuda.synchronize()
+        runs[mode] = {
+            "images_per_s": images / (time.perf_counter() - t0),
+            "workers": data.num_workers,
+            "steps": data.steps_per_epoch,
+            "augment_on": data.augment_on,
+        }
+        data.close()
+        res["runs"] = runs
+        say(f"decode={mode}: {runs[mode]['images_per_s']:.0f} images/s with {data.num_workers} workers")
+
+    # the batch stage alone on a uint8 batch on the device: time and syncs
+    data = build_data(compose("train", [*base, "data.num_workers=0", "data.augment_on=device"]), device=args.device)
+    stage = data.stage
+    x = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, device=args.device)
+    y = torch.randint(0, 4, (batch,), device=args.device)
+    plans = [stage.plan(batch, image_size, image_size, torch.Generator().manual_seed(k), k, k) for k in range(12)]
+    plans = [p.to(torch.device(args.device)) for p in plans]
+    stage(x, y, plans[0])  # warm-up
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    syncs = 0
+    for p in plans[1:]:
+        t = time.perf_counter()
+        try:
+            stage(x, y, p)
+        except RuntimeError as e:  # a synchronizing op under sync debug mode "error"
+            syncs += 1
+            say(f"batch stage synchronised: {str(e).splitlines()[0]}")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        times.append(time.perf_counter() - t)
+    if cuda:
+        torch.cuda.set_sync_debug_mode("default")
+    res["stage"] = {"ms_per_batch": 1000 * sorted(times)[len(times) // 2], "batch": batch, "syncs": syncs}
+    say(f"batch stage: {res['stage']['ms_per_batch']:.2f} ms per batch of {batch}, {syncs} synchronising calls")
+    checks = {"all_measured": all(r["images_per_s"] > 0 for r in runs.values()), "stage_never_syncs": syncs == 0}
+    if cuda:  # nvJPEG against libjpeg-turbo on the same crops (no random photometric ops, no mixing)
+        plain = ["aug.auto_augment=null", "aug.random_erasing=0", "aug.mixup_alpha=0", "aug.cutmix_alpha=0"]
+        got = {}
+        for mode in ("gpu", "full"):
+            d = build_data(
+                compose("train", [*base, *plain, f"data.decode={mode}", "data.num_workers=2"]), device=args.device
+            )
+            got[mode] = next(iter(d.train_batches(0)))[0].float().cpu()
+            d.close()
+        res["gpu_vs_cpu_decode_mean_abs"] = float((got["gpu"] - got["full"]).abs().mean())
+        checks["gpu_decode_close_to_cpu"] = res["gpu_vs_cpu_decode_mean_abs"] < 0.05
+    res["checks"] = checks
+    res["summary"] = [
+        ", ".join(f"decode={m}: {r['images_per_s']:,.0f} img/s ({r['workers']} workers)" for m, r in runs.items())
+        + f"; batch stage {res['stage']['ms_per_batch']:.2f} ms/batch of {batch}, {syncs} syncs"
+    ]
+
+
 def reduce_overhead(model, backend: str):
     """torch.compile(mode="reduce-overhead"), each call marked as a new step: the previous step's outputs (CUDA
     graph memory, overwritten by the next replay) are dead by then. Other backends (CPU --quick) take no mode."""
@@ -783,6 +897,7 @@ def reduce_overhead(model, backend: str):
 
 
 SECTION_FUNCS = {
+    "loader": section_loader,
     "bench": section_bench,
     "precision": section_precision,
     "resume": section_resume,

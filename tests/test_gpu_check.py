@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-SECTIONS = ("bench", "precision", "resume", "syncs", "cifar_speed")
+SECTIONS = ("bench", "precision", "resume", "syncs", "cifar_speed", "loader")
 
 
 def gpu_check(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:

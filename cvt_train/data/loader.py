@@ -3,19 +3,22 @@
 Reproducibility contract: the training batches of epoch e (which samples, in which order, and every random
 augmentation choice including MixUp/CutMix) are a pure function of (trainer.seed, e, rank, world_size):
     order          a permutation from a generator seeded with (seed, epoch); rank r takes every world_size-th entry
-    per-sample ops seeded with (seed, epoch, sample index) inside torch.random.fork_rng (RandAugment, erasing, ...)
-    batch ops      seeded with (seed, epoch, rank, step) (batched crop/flip via a torch.Generator; mixing under
-                   fork_rng)
+    per-sample ops seeded with (seed, epoch, sample index) inside torch.random.fork_rng (crop, flip, TrivialAugment)
+    batch ops      seeded with (seed, epoch, rank, step): batched crop/flip, RandAugment and erasing from a
+                   torch.Generator, mixing under fork_rng; all drawn on the CPU (erasing's noise: see batch_stage.py)
 So the batches do not depend on num_workers, on which worker made them, or on where an epoch was (re)started, and
 the data pipeline never draws from or changes the global RNG the model's dropout uses (the DataLoader gets its own
 generator, since it would otherwise draw a base seed from the global RNG on every iter()).
 
-Two paths:
+Two paths, one batch format:
     in memory (CIFAR, digits, data.in_memory=true): the dataset is a uint8 tensor; one DataLoader item is one whole
-        batch (gather by index, batched crop+flip, per-sample v2 policies, resize if needed, normalise, erasing,
-        mixing), made in workers when num_workers > 0 (fork shares the tensor copy-on-write).
-    streamed (ImageNet, folders): one item is one file, decoded and transformed in DataLoader workers; the collate
-        function stacks and mixes.
+        batch (gather by index, batched crop+flip, per-sample size-changing crop if any, resize if needed), made in
+        workers when num_workers > 0 (fork shares the tensor copy-on-write).
+    streamed (ImageNet, folders, shards): one item is one file, read and decoded (decode.py: at the smallest DCT
+        scale its crop allows), cropped and flipped in a DataLoader worker; the collate function stacks them.
+Either way a worker hands over a uint8 batch and the random parameters of the batch stage (batch_stage.py:
+RandAugment, normalisation, erasing, mixing), which runs on the training device after the copy (data.augment_on).
+On CUDA the copy of the next batch runs on a side stream while the current step computes.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -36,18 +41,20 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from ..engine.allocation import loader_workers
 from ..errors import UserError
-from .sources import CorruptImage, Source, Split, decode_file, load_source
+from .batch_stage import BatchPlan, BatchStage
+from .decode import CorruptImage, decode_bytes, decode_crop_scaled, decode_on_gpu, jpeg_size, read_bytes, simplejpeg
+from .sources import Source, Split, load_source
 from .transforms import (
     AugConfig,
-    Mixer,
+    NoisyRandAugment,
+    TrainCrop,
     aug_config,
     batch_crop_flip,
     eval_sample_transform,
-    normalize_batch,
     photometric,
     resize_batch,
-    train_sample_transform,
 )
 
 log = logging.getLogger(__name__)
@@ -91,20 +98,39 @@ def _seed_cpu(seed: int) -> None:
 
 
 class EpochOrder:
-    """Which dataset indices rank `rank` trains on at each step of an epoch (drop_last)."""
+    """Which dataset indices rank `rank` trains on at each step of an epoch (drop_last).
+
+    With `shards` (the shard of each dataset index, data.format=shards) the order is shard-local: the shards are
+    shuffled, then the samples within each run of `window` consecutive shards, so that a worker reads a handful of
+    shards per stretch of an epoch. wids opens a shard in ~40 ms (it walks every tar header), and a fully random
+    order over ImageNet's ~1,300 shards would reopen one for nearly every sample."""
 
     # hand-written, not DistributedSampler: exact resume needs batch `step` without replaying the earlier ones
 
-    def __init__(self, indices: torch.Tensor, seed: int, rank: int, world_size: int, batch_size: int):
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        seed: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        shards: torch.Tensor | None = None,
+        window: int = 8,
+    ):
         self.indices, self.seed, self.rank, self.world_size = indices, seed, rank, world_size
-        self.batch_size = batch_size
+        self.batch_size, self.window = batch_size, window
+        self.shard_of = None if shards is None else shards[indices]
         self.steps = (len(indices) // world_size) // batch_size
         self._cache: tuple[int, torch.Tensor] | None = None
 
     def rank_order(self, epoch: int) -> torch.Tensor:
         if self._cache is None or self._cache[0] != epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, TAG_ORDER))
-            perm = torch.randperm(len(self.indices), generator=g)
+            if self.shard_of is None:
+                perm = torch.randperm(len(self.indices), generator=g)
+            else:  # sort by (the window of the sample's shard in a shuffled shard order, a random key)
+                place = torch.randperm(int(self.shard_of.max()) + 1, generator=g)[self.shard_of] // self.window
+                perm = torch.argsort(place.double() + torch.rand(len(self.indices), generator=g, dtype=torch.float64))
             mine = self.indices[perm[self.rank :: self.world_size][: self.steps * self.batch_size]]
             self._cache = (epoch, mine)
         return self._cache[1]
@@ -139,15 +165,21 @@ class _Steps:
 
 
 class _MemoryTrain(Dataset):
-    """Item (epoch, step) -> one augmented batch (images float32 normalised, targets, faults=[])."""
+    """Item (epoch, step) -> one batch: (uint8 images, labels, the batch stage's plan, faults=[]), or (float32
+    images, targets, None, []) when the stage runs in the workers."""
 
     def __init__(
-        self, split: Split, order: EpochOrder, a: AugConfig, image_size: int, mean, std, num_classes: int, seed: int
+        self,
+        split: Split,
+        order: EpochOrder,
+        a: AugConfig,
+        image_size: int,
+        stage: BatchStage,
+        in_worker: bool,
+        seed: int,
     ):
         self.images, self.labels, self.order, self.a = split.images, split.labels, order, a
-        self.image_size, self.seed = image_size, seed
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self.image_size, self.stage, self.in_worker, self.seed = image_size, stage, in_worker, seed
         pre = []
         if a.crop == "random_resized":  # size-changing crop: per sample (v2), before the photometric policy
             pre.append(
@@ -161,10 +193,8 @@ class _MemoryTrain(Dataset):
             )
             if a.hflip > 0:
                 pre.append(v2.RandomHorizontalFlip(a.hflip))
-        pre += photometric(a, mean)
+        pre += [t for t in photometric(a, (0, 0, 0)) if not isinstance(t, (v2.RandAugment, NoisyRandAugment))]
         self.per_sample = v2.Compose(pre) if pre else None
-        self.erase = v2.RandomErasing(a.random_erasing, value="random") if a.random_erasing > 0 else None
-        self.mixer = Mixer(a, num_classes) if a.mixing else None
 
     def __len__(self) -> int:  # not used by the sampler; keeps DataLoader happy
         return self.order.steps
@@ -180,58 +210,100 @@ class _MemoryTrain(Dataset):
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, TAG_BATCH, rank, step))
         if a.crop != "random_resized" and (a.hflip > 0 or (a.crop == "pad_crop" and a.crop_padding > 0)):
             x = batch_crop_flip(x, a.crop_padding if a.crop == "pad_crop" else 0, a.hflip, g)
-        with torch.random.fork_rng(devices=[]):
-            if self.per_sample is not None:
+        if self.per_sample is not None:
+            with torch.random.fork_rng(devices=[]):
                 out = []
                 for i, img in zip(idx.tolist(), x):
                     _seed_cpu(derive_seed(self.seed, epoch, TAG_SAMPLE, i))
                     out.append(self.per_sample(img))
                 x = torch.stack(out)
-            x = normalize_batch(resize_batch(x, self.image_size, 1.0, a.interp), self.mean, self.std)
-            if self.erase is not None:
-                for j, i in enumerate(idx.tolist()):
-                    _seed_cpu(derive_seed(self.seed, epoch, TAG_ERASE, i))
-                    x[j] = self.erase(x[j])
-            if self.mixer is not None:
-                _seed_cpu(derive_seed(self.seed, epoch, TAG_MIX, rank, step))
-                x, y = self.mixer(x, y)
-        return x.contiguous(), y, []
+        x = resize_batch(x, self.image_size, 1.0, a.interp).contiguous()
+        return _finish(x, y, self.stage, self.in_worker, g, self.seed, epoch, rank, step)
+
+
+def _plan(
+    stage: BatchStage, n: int, size: tuple[int, int], g: torch.Generator, seed: int, epoch: int, rank: int, step: int
+):
+    if not stage.random:
+        return None
+    mix_seed, noise_seed = (
+        derive_seed(seed, epoch, TAG_MIX, rank, step),
+        derive_seed(seed, epoch, TAG_ERASE, rank, step),
+    )
+    return stage.plan(n, *size, g, mix_seed, noise_seed)
+
+
+def _finish(x, y, stage: BatchStage, in_worker: bool, g: torch.Generator, seed: int, epoch: int, rank: int, step: int):
+    """A uint8 training batch -> what the worker hands over: with the stage's plan, or through the stage here."""
+    plan = _plan(stage, len(x), tuple(x.shape[2:]), g, seed, epoch, rank, step)
+    if in_worker:
+        x, y = stage(x, y, plan)
+        plan = None
+    return x, y, plan, []
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # streamed path
 
 
-class _FileSamples(Dataset):
-    """Item (epoch, step, index) or index -> (image float32 normalised, label, epoch, step) or a CorruptImage."""
+class _Encoded:
+    """A JPEG's bytes for the GPU decoder, with its crop box and flip (data.decode=gpu)."""
 
-    def __init__(self, split: Split, transform: v2.Compose, seed: int | None):
-        self.paths, self.labels, self.transform, self.seed = split.paths, split.labels, transform, seed
+    def __init__(self, data: bytes, box: tuple[int, int, int, int], flip: bool):
+        self.data, self.box, self.flip = torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip
+
+
+class _FileSamples(Dataset):
+    """Item (epoch, step, index) -> (uint8 training crop or _Encoded, label, epoch, step), or index -> (uint8 eval
+    crop, label, 0, 0); a CorruptImage instead when the file cannot be read."""
+
+    def __init__(self, split: Split, crop: TrainCrop | None, eval_transform, decode: str, seed: int | None):
+        self.paths, self.reader, self.labels = split.paths, split.reader, split.labels
+        self.crop, self.eval_transform, self.decode, self.seed = crop, eval_transform, decode, seed
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.labels)
 
     def __getitem__(self, key):
         with _one_thread():
             return self._sample(*(key if isinstance(key, tuple) else (0, 0, key)))
 
+    def _read(self, i: int) -> tuple[bytes, str]:
+        if self.reader is not None:
+            return self.reader.read(i)[0], self.reader.name(i)
+        return read_bytes(self.paths[i]), self.paths[i]
+
     def _sample(self, epoch: int, step: int, i: int):
         try:
-            img = decode_file(self.paths[i])
+            data, name = self._read(i)
+            if self.seed is None:
+                return self.eval_transform(decode_bytes(data, name)), int(self.labels[i]), epoch, step
+            with torch.random.fork_rng(devices=[]):
+                _seed_cpu(derive_seed(self.seed, epoch, TAG_SAMPLE, i))
+                return self._train_crop(data, name), int(self.labels[i]), epoch, step
         except CorruptImage as e:  # returned, not raised: the main process turns it into one clear line
             return e
-        if self.seed is None:
-            return self.transform(img), int(self.labels[i]), epoch, step
-        with torch.random.fork_rng(devices=[]):
-            _seed_cpu(derive_seed(self.seed, epoch, TAG_SAMPLE, i))
-            return self.transform(img), int(self.labels[i]), epoch, step
+
+    def _train_crop(self, data: bytes, name: str):
+        crop = self.crop
+        size = jpeg_size(data) if crop.rrc is not None and self.decode in ("scaled", "gpu") else None
+        if size is None:
+            img = crop.crop_full(decode_bytes(data, name))
+        else:  # the same draws as crop_full, from the header's size, before decoding
+            box, flip = crop.box(*size), crop.flip()
+            if self.decode == "gpu":
+                return _Encoded(data, box, flip)
+            img = decode_crop_scaled(data, name, size, box, crop.size, crop.interp)
+            img = img.flip(-1) if flip else img
+        return crop.photometric(img) if crop.photometric is not None else img
 
 
 class _Collate:
-    """Stack samples, set faults aside, mix the batch with a (seed, epoch, rank, step) seed."""
+    """Stack a training batch's samples (faults set aside) and add its batch-stage plan; or, for evaluation
+    (stage None), just stack."""
 
-    def __init__(self, mixer: Mixer | None, seed: int, rank: int):
-        self.mixer, self.seed, self.rank = mixer, seed, rank
+    def __init__(self, stage: BatchStage | None, in_worker: bool, seed: int, rank: int, image_size: int):
+        self.stage, self.in_worker, self.seed, self.rank, self.image_size = stage, in_worker, seed, rank, image_size
 
     def __call__(self, samples: list):
         with _one_thread():
@@ -241,15 +313,50 @@ class _Collate:
         faults = [str(s) for s in samples if isinstance(s, CorruptImage)]
         good = [s for s in samples if not isinstance(s, CorruptImage)]
         if not good:
-            return None, None, faults
-        x = torch.stack([s[0] for s in good])
+            return None, None, None, faults
         y = torch.tensor([s[1] for s in good], dtype=torch.long)
-        if self.mixer is not None:
-            epoch, step = good[0][2], good[0][3]
-            with torch.random.fork_rng(devices=[]):
-                _seed_cpu(derive_seed(self.seed, epoch, TAG_MIX, self.rank, step))
-                x, y = self.mixer(x, y)
-        return x, y, faults
+        if self.stage is None:
+            return torch.stack([s[0] for s in good]), y, None, faults
+        epoch, step = good[0][2], good[0][3]
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, TAG_BATCH, self.rank, step))
+        if any(isinstance(s[0], _Encoded) for s in good):  # data.decode=gpu: decoded and cropped on the device
+            size = (self.image_size, self.image_size)
+            return _GpuBatch(good), y, _plan(self.stage, len(good), size, g, self.seed, epoch, self.rank, step), faults
+        x = torch.stack([s[0] for s in good])
+        return _finish(x, y, self.stage, self.in_worker, g, self.seed, epoch, self.rank, step)[:3] + (faults,)
+
+
+class _GpuBatch:
+    """A batch for the GPU decoder: JPEG bytes with their boxes and flips, and the samples that were decoded on the
+    CPU anyway (non-JPEG files), already cropped; plus the (epoch, step) key for the batch stage's plan."""
+
+    def __init__(self, good: list):
+        self.items = [s[0] for s in good]
+        self.epoch, self.step = good[0][2], good[0][3]
+
+    def pin_memory(self) -> _GpuBatch:
+        for item in self.items:
+            if isinstance(item, _Encoded):
+                item.data = item.data.pin_memory()
+        return self
+
+    def decode(self, size: int, interp, device: torch.device) -> torch.Tensor:
+        jpegs = [k for k, item in enumerate(self.items) if isinstance(item, _Encoded)]
+        decoded = decode_on_gpu(
+            [self.items[k].data for k in jpegs],
+            [self.items[k].box for k in jpegs],
+            [self.items[k].flip for k in jpegs],
+            size,
+            interp,
+            device,
+        )
+        if len(jpegs) == len(self.items):
+            return decoded
+        out = torch.empty((len(self.items), 3, size, size), dtype=torch.uint8, device=device)
+        out[jpegs] = decoded
+        rest = [k for k in range(len(self.items)) if k not in set(jpegs)]
+        out[rest] = torch.stack([self.items[k] for k in rest]).to(device, non_blocking=True)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,7 +383,11 @@ class Data:
         self.cfg = dcfg
         self.name = str(dcfg.get("name", ""))
         self.image_size, self.batch_size = int(dcfg["image_size"]), int(dcfg["batch_size"])
-        self.num_workers = int(dcfg.get("num_workers") or 0)
+        self.num_workers, why_workers = loader_workers(dcfg.get("num_workers"), self.device)
+        log.info("data: %d loader workers (%s)", self.num_workers, why_workers)
+        self.decode = _decode_mode(str(dcfg.get("decode") or "auto"), self.device, self.aug)
+        where = str(dcfg.get("augment_on") or "auto")
+        self.augment_on = ("device" if self.device.type == "cuda" else "workers") if where == "auto" else where
         self.skip_corrupt = bool(dcfg.get("skip_corrupt", False))
         self.mean, self.std = tuple(map(float, dcfg["mean"])), tuple(map(float, dcfg["std"]))
         val_split = float(dcfg.get("val_split") or 0)
@@ -328,7 +439,11 @@ class Data:
         self._train, self._val, self._val_idx = train, val, val_idx
 
         # --- training order and loaders
-        self.order = EpochOrder(train_idx, self.seed, self.rank, self.world_size, self.batch_size)
+        shards = None
+        if train.shard_sizes:  # data.format=shards: the shard of every sample, for a shard-local epoch order
+            shards = torch.repeat_interleave(torch.arange(len(train.shard_sizes)), torch.tensor(train.shard_sizes))
+        window = int(dcfg.get("shard_window") or 8)
+        self.order = EpochOrder(train_idx, self.seed, self.rank, self.world_size, self.batch_size, shards, window)
         self.steps_per_epoch = self.order.steps
         if self.steps_per_epoch == 0 and self.has_train:
             raise UserError(
@@ -344,14 +459,18 @@ class Data:
         self.label_smoothing = self.aug.label_smoothing
         self._pin = self.device.type == "cuda"
         self._sampler = _Steps(self.order, per_sample=not self.in_memory)
+        self.stage = BatchStage(self.aug, self.mean, self.std, self.num_classes)
+        self.stage_seconds = 0.0  # time spent in the batch stage in this process (loader_bench reads it)
         self._train_loader = self._make_train_loader() if self.has_train else None
         self._val_loader = None if self._val.images is not None else self._make_val_loader()
         self._warned: set[str] = set()
 
     # --- loaders
 
-    def _loader(self, dataset, **kw) -> DataLoader:
+    def _loader(self, dataset, batch_bytes: int, **kw) -> DataLoader:
         workers = self.num_workers
+        if workers > 0:
+            check_shared_memory(workers, batch_bytes)
         return DataLoader(
             dataset,
             num_workers=workers,
@@ -363,22 +482,25 @@ class Data:
         )
 
     def _make_train_loader(self) -> DataLoader:
-        a = self.aug
+        a, in_worker = self.aug, self.augment_on == "workers"
+        per_image = 3 * self.image_size**2 * (4 if in_worker else 1)  # float32 from the stage, else uint8
         if self.in_memory:
-            ds = _MemoryTrain(
-                self._train, self.order, a, self.image_size, self.mean, self.std, self.num_classes, self.seed
-            )
-            return self._loader(ds, sampler=self._sampler, batch_size=None)
-        ds = _FileSamples(self._train, train_sample_transform(a, self.image_size, self.mean, self.std), self.seed)
-        collate = _Collate(Mixer(a, self.num_classes) if a.mixing else None, self.seed, self.rank)
-        return self._loader(ds, batch_sampler=self._sampler, collate_fn=collate)
+            ds = _MemoryTrain(self._train, self.order, a, self.image_size, self.stage, in_worker, self.seed)
+            return self._loader(ds, per_image * self.batch_size, sampler=self._sampler, batch_size=None)
+        crop = TrainCrop(a, self.image_size, self.mean)
+        ds = _FileSamples(self._train, crop, None, self.decode, self.seed)
+        collate = _Collate(self.stage, in_worker, self.seed, self.rank, self.image_size)
+        return self._loader(ds, per_image * self.batch_size, batch_sampler=self._sampler, collate_fn=collate)
 
     def _make_val_loader(self) -> DataLoader:
-        ds = _FileSamples(self._val, eval_sample_transform(self.aug, self.image_size, self.mean, self.std), None)
+        ds = _FileSamples(self._val, None, eval_sample_transform(self.aug, self.image_size), "full", None)
         chunks = [
             self.val_local[k : k + self.batch_size].tolist() for k in range(0, len(self.val_local), self.batch_size)
         ]
-        return self._loader(ds, batch_sampler=chunks, collate_fn=_Collate(None, 0, self.rank))
+        per_batch = 3 * self.image_size**2 * self.batch_size
+        return self._loader(
+            ds, per_batch, batch_sampler=chunks, collate_fn=_Collate(None, False, 0, self.rank, self.image_size)
+        )
 
     # --- iteration
 
@@ -400,20 +522,19 @@ class Data:
             yield from self._run(self._val_loader)
             return
         images, labels, a = self._val.images, self._val.labels, self.aug
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std).view(1, 3, 1, 1) * 255
         for k in range(0, len(self.val_local), self.batch_size):
             idx = self.val_local[k : k + self.batch_size]
             with _one_thread():
-                x = normalize_batch(resize_batch(images[idx], self.image_size, a.eval_crop_ratio, a.interp), mean, std)
-            yield self._to_device(x), self._to_device(labels[idx])
+                x = resize_batch(images[idx], self.image_size, a.eval_crop_ratio, a.interp).contiguous()
+                yield self.stage.normalize(self._to_device(x)), self._to_device(labels[idx])
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
+    def _to_device(self, t):
+        if self.device.type == "cpu" or t is None:
             return t
         return t.to(self.device, non_blocking=True)
 
     def _faults(self, faults: list[str]) -> None:
+        """Raise for corrupt files, or (data.skip_corrupt=true) count and warn once per file."""
         if not faults:
             return
         if not self.skip_corrupt:
@@ -430,14 +551,121 @@ class Data:
     def _run(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         finished = False
         try:
-            for x, y, faults in loader:
-                self._faults(faults)
-                if x is not None:
-                    yield self._to_device(x), self._to_device(y)
+            for x, y, plan in self._on_device(loader):
+                with _one_thread():
+                    if isinstance(x, _GpuBatch):
+                        x = x.decode(self.image_size, self.aug.interp, self.device)
+                    if x.dtype == torch.uint8:  # the batch stage (or, for evaluation, the normalisation) here
+                        t0 = time.perf_counter()
+                        x, y = self.stage(x, y, plan)
+                        self.stage_seconds += time.perf_counter() - t0  # wall time on CPU; launch time on CUDA
+                yield x, y
             finished = True
         finally:
             if not finished:  # a fault, a break or preemption: stop the workers now, with their prefetched batches,
                 _stop_workers(loader)  # rather than leaving them to the garbage collector (which can stall on them)
+
+    def _on_device(self, loader: DataLoader) -> Iterator[tuple[Any, torch.Tensor, BatchPlan | None]]:
+        """The loader's batches on the training device. On CUDA, batch k+1 is copied on a side stream while the
+        caller computes on batch k (timm's PrefetchLoader does the same); the compute stream waits for the copy
+        before it touches the batch, and the batch's memory is marked as used by the compute stream."""
+        copy_stream, ahead = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None, None
+        for x, y, plan, faults in loader:
+            self._faults(faults)
+            if x is None:
+                continue
+            if copy_stream is None:
+                yield x, y, plan
+                continue
+            with torch.cuda.stream(copy_stream):
+                moved = (
+                    x if isinstance(x, _GpuBatch) else self._to_device(x),
+                    self._to_device(y),
+                    self._to_device(plan),
+                )
+            if ahead is not None:
+                yield ahead
+            torch.cuda.current_stream(self.device).wait_stream(copy_stream)
+            for t in (moved[0], moved[1]):
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(torch.cuda.current_stream(self.device))
+            if moved[2] is not None:
+                moved[2].record_stream(torch.cuda.current_stream(self.device))
+            ahead = moved
+        if ahead is not None:
+            yield ahead
+
+    def _faults(self, faults: list[str]) -> None:
+        """Raise for corrupt files, or (data.skip_corrupt=true) count and warn once per file."""
+        if not faults:
+            return
+        if not self.skip_corrupt:
+            raise UserError(
+                f"{faults[0]}; delete or replace the file, or set data.skip_corrupt=true to skip such files"
+            )
+        for f in faults:
+            if f not in self._warned:
+                self._warned.add(f)
+                self.skipped.append(f)
+                if len(self._warned) <= 10:
+                    warnings.warn(f"skipping corrupt image (data.skip_corrupt=true): {f}", stacklevel=3)
+
+    def _run(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        finished = False
+        try:
+            for x, y, plan in self._on_device(loader):
+                with _one_thread():
+                    if isinstance(x, _GpuBatch):
+                        x = x.decode(self.image_size, self.aug.interp, self.device)
+                    if x.dtype == torch.uint8:  # the batch stage (or, for evaluation, the normalisation) here
+                        t0 = time.perf_counter()
+                        x, y = self.stage(x, y, plan)
+                        self.stage_seconds += time.perf_counter() - t0  # wall time on CPU; launch time on CUDA
+                yield x, y
+            finished = True
+        finally:
+            if not finished:  # a fault, a break or preemption: stop the workers now, with their prefetched batches,
+                _stop_workers(loader)  # rather than leaving them to the garbage collector (which can stall on them)
+
+    def _on_device(self, loader: DataLoader) -> Iterator[tuple[Any, torch.Tensor, BatchPlan | None]]:
+        """The loader's batches on the training device. On CUDA, batch k+1 is copied on a side stream while the
+        caller computes on batch k (timm's PrefetchLoader does the same); the compute stream waits for the copy
+        before it touches the batch, and the batch's memory is marked as used by the compute stream."""
+        copy_stream, ahead = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None, None
+        for x, y, plan, faults in loader:
+            self._faults(faults)
+            if x is None:
+                continue
+            if copy_stream is None:
+                yield x, y, plan
+                continue
+            with torch.cuda.stream(copy_stream):
+                moved = (
+                    x if isinstance(x, _GpuBatch) else self._to_device(x),
+                    self._to_device(y),
+                    self._to_device(plan),
+                )
+            if ahead is not None:
+                yield ahead
+            torch.cuda.current_stream(self.device).wait_stream(copy_stream)
+            for t in (moved[0], moved[1]):
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(torch.cuda.current_stream(self.device))
+            if moved[2] is not None:
+                moved[2].record_stream(torch.cuda.current_stream(self.device))
+            ahead = moved
+        if ahead is not None:
+            yield ahead
+
+    def _decode_on_gpu(self, batch: _GpuBatch) -> tuple[torch.Tensor, BatchPlan | None]:
+        x = batch.decode(self.image_size, self.aug.interp, self.device)
+        plan = None
+        if self.stage.random:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, batch.epoch, TAG_BATCH, self.rank, batch.step))
+            _, _, plan, _ = _finish(
+                x[:0].cpu(), None, self.stage, False, g, self.seed, batch.epoch, self.rank, batch.step
+            )
+        return x, plan
 
     def close(self) -> None:
         """Stop persistent DataLoader workers now (they also stop when the Data object is garbage-collected)."""
@@ -450,6 +678,40 @@ class Data:
             f"Data({self.description}: {self.num_classes} classes, {self.num_train} train / {self.num_val} val "
             f"images, {self.steps_per_epoch} steps/epoch of {self.batch_size} on rank {self.rank}/"
             f"{self.world_size}, {'in memory' if self.in_memory else 'streamed'}, aug={self.aug.name})"
+        )
+
+
+def _decode_mode(requested: str, device: torch.device, a: AugConfig) -> str:
+    """data.decode, with `auto` resolved (see decode.py), and what each mode needs."""
+    if requested == "auto":
+        return "scaled" if simplejpeg is not None else "full"
+    if requested == "scaled" and simplejpeg is None:
+        raise UserError("data.decode=scaled needs simplejpeg: pip install 'cvt-train[fast]' (or data.decode=full)")
+    if requested == "gpu":
+        if device.type != "cuda":
+            raise UserError(f"data.decode=gpu needs a CUDA device, not {device}; use data.decode=scaled or full")
+        if a.crop != "random_resized" or any(
+            not isinstance(t, (v2.RandAugment, NoisyRandAugment)) for t in photometric(a, (0, 0, 0))
+        ):
+            raise UserError(
+                f"data.decode=gpu supports aug presets whose per-sample ops are RandomResizedCrop and flip (aug={a.name} "
+                f"has crop={a.crop}, auto_augment={a.auto_augment}, color_jitter={a.color_jitter}); use data.decode=scaled"
+            )
+    return requested
+
+
+def check_shared_memory(workers: int, batch_bytes: int, prefetch: int = 2) -> None:
+    """Refuse to start loader workers whose batches in flight cannot fit in /dev/shm: past it they die of a bus
+    error, the usual first contact with a container (Docker gives 64 MiB unless told otherwise)."""
+    if not os.path.isdir("/dev/shm"):
+        return
+    free, need = shutil.disk_usage("/dev/shm").free, workers * prefetch * batch_bytes
+    if free < need:
+        raise UserError(
+            f"/dev/shm has {free / 2**20:.0f} MiB free but {workers} loader workers x {prefetch} batches in flight x "
+            f"{batch_bytes / 2**20:.1f} MiB need {need / 2**20:.0f} MiB: give the container more shared memory "
+            "(docker run --shm-size=16g; on Kubernetes an emptyDir with medium: Memory on /dev/shm), or lower "
+            "data.num_workers or data.batch_size"
         )
 
 

@@ -32,6 +32,8 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 from ..errors import UserError
+from .decode import CorruptImage, decode_bytes, read_bytes
+from .decode import short as _short
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec; they work and are the fast path here
@@ -64,6 +66,8 @@ class Split:
     labels: torch.Tensor  # int64 (N,)
     images: torch.Tensor | None = None  # uint8 (N, 3, H, W) when in memory
     paths: list[str] | None = None  # when decoded on the fly
+    reader: Any = None  # data.format=shards: reads sample i's bytes (shards.ShardReader) instead of paths
+    shard_sizes: list[int] | None = None  # data.format=shards: samples per shard, in sample order
     skipped: list[str] = field(default_factory=list)  # "path: reason" of corrupt files left out (skip_corrupt)
 
     def __len__(self) -> int:
@@ -81,45 +85,9 @@ class Source:
 # decoding one image file
 
 
-class CorruptImage(Exception):
-    """An image file that cannot be read or decoded (message: path and reason)."""
-
-
 def decode_file(path: str) -> torch.Tensor:
-    """A file -> uint8 (3, H, W) RGB. torchvision.io for JPEG/PNG/GIF/WEBP (fast), PIL for the rest."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    try:
-        data = read_file(path)
-    except (RuntimeError, OSError) as e:
-        raise CorruptImage(f"{path}: cannot read the file ({_short(e)})") from None
-    if data.numel() == 0:
-        raise CorruptImage(f"{path}: the file is empty")
-    try:
-        img = decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as tv_error:
-        img = _decode_pil(path, tv_error)
-    if img.ndim != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
-        raise CorruptImage(f"{path}: decoded to an unexpected shape {tuple(img.shape)}")
-    return img
-
-
-def _decode_pil(path: str, tv_error: Exception) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise CorruptImage(f"{path}: not a readable image ({_short(tv_error)}; {_short(e)})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def _short(e: Exception) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:160]
+    """A file -> uint8 (3, H, W) RGB at full size (decode.decode_bytes)."""
+    return decode_bytes(read_bytes(path), path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,6 +139,8 @@ def load_source(dcfg: Any, need_val: bool, need_train: bool = True) -> Source:
             f"data.root={root}: folder is empty; put the dataset there"
             + (" or set data.download=true" if name in CIFAR else "")
         )
+    if str(dcfg.get("format") or "files") == "shards":
+        return load_shards(root, need_val, need_train)
     if name in CIFAR:
         folder = _find_cifar_pickles(root, name)
         if folder is not None:
@@ -205,6 +175,37 @@ def load_source(dcfg: Any, need_val: bool, need_train: bool = True) -> Source:
     train = reader(train_dir, classes, skip, dcfg) if need_train else _no_images(classes)
     val = reader(val_dir, classes, skip, dcfg) if need_val else None
     return Source(train, val, f"image folders under {root}")
+
+
+def load_shards(root: Path, need_val: bool, need_train: bool) -> Source:
+    """data.format=shards: ROOT/train/index.json (+ ROOT/val/ or ROOT/test/), as scripts/make_shards.py writes."""
+    from .shards import is_shard_split, load_shard_split
+
+    train_dir = root / "train"
+    if not is_shard_split(train_dir):
+        raise UserError(
+            f"data.format=shards: {train_dir / 'index.json'} not found; write shards with "
+            f"`python scripts/make_shards.py IMAGE_FOLDER {root}`, or set data.format=files for image folders"
+        )
+    val_dir = next((root / n for n in ("val", "test") if is_shard_split(root / n)), None)
+
+    def split(folder: Path) -> Split:
+        index = load_shard_split(folder)
+        sizes = [n for _, n in index.reader.shards]
+        return Split(list(index.classes), index.labels, reader=index.reader, shard_sizes=sizes)
+
+    train = split(train_dir)
+    if need_val and val_dir is None:
+        raise UserError(
+            f"data.root={root}: shards for train/ but none for val/ or test/; set data.val_split=0.1 to hold out 10% "
+            "of train/ instead"
+        )
+    val = split(val_dir) if need_val else None
+    if val is not None and val.classes != train.classes:
+        raise UserError(f"data.root={root}: the class lists of train/ and {val_dir.name}/ shards differ; remake them")
+    if not need_train:
+        train = Split(train.classes, train.labels[:0], reader=train.reader, shard_sizes=[])
+    return Source(train, val, f"shards under {root}")
 
 
 def _no_images(classes: list[str]) -> Split:

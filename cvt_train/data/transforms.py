@@ -158,35 +158,56 @@ def photometric(a: AugConfig, mean: Sequence[float]) -> list:
     return []
 
 
-def train_sample_transform(a: AugConfig, image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """A decoded file (uint8 (3, H, W), any size) -> float (3, image_size, image_size), normalised (streamed data)."""
-    s = image_size
-    if a.crop == "random_resized":
-        geo = [
-            v2.RandomResizedCrop(
+class TrainCrop:
+    """The per-sample part of training augmentation for streamed files, uint8 in and out, run in the loader worker:
+    the crop (RandomResizedCrop, or resize + center crop + padded random crop), the flip, and the per-sample
+    photometric policies (TrivialAugment, ColorJitter; RandAugment runs batched in the batch stage). Draws from
+    torch's global RNG, which the loader seeds per sample.
+
+    RandomResizedCrop's box is drawn from the image's size alone (`box`), so a decoder that knows the size from the
+    file's header can decode only what the crop needs (decode.py)."""
+
+    def __init__(self, a: AugConfig, image_size: int, mean: Sequence[float]):
+        s, self.size, self.interp, self.hflip = image_size, image_size, a.interp, a.hflip
+        self.rrc = None
+        if a.crop == "random_resized":
+            self.rrc = v2.RandomResizedCrop(
                 s, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio), interpolation=a.interp, antialias=True
             )
-        ]
-    else:
-        geo = [v2.Resize(s, interpolation=a.interp, antialias=True), v2.CenterCrop(s)]
-        if a.crop == "pad_crop" and a.crop_padding > 0:
-            geo.append(v2.RandomCrop(s, padding=a.crop_padding))
-    if a.hflip > 0:
-        geo.append(v2.RandomHorizontalFlip(a.hflip))
-    post = [v2.RandomErasing(a.random_erasing, value="random")] if a.random_erasing > 0 else []
-    return v2.Compose(
-        [*geo, *photometric(a, mean), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), *post]
-    )
+            geo = []
+        else:
+            geo = [v2.Resize(s, interpolation=a.interp, antialias=True), v2.CenterCrop(s)]
+            if a.crop == "pad_crop" and a.crop_padding > 0:
+                geo.append(v2.RandomCrop(s, padding=a.crop_padding))
+            if a.hflip > 0:
+                geo.append(v2.RandomHorizontalFlip(a.hflip))
+        self.geometry = v2.Compose(geo) if geo else None
+        per_sample = [t for t in photometric(a, mean) if not isinstance(t, (v2.RandAugment, NoisyRandAugment))]
+        self.photometric = v2.Compose(per_sample) if per_sample else None
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's (top, left, height, width) for an image of this size (v2's own draw)."""
+        p = self.rrc.make_params([torch.empty(1, 1, 1).expand(3, height, width)])  # make_params reads only the size
+        return p["top"], p["left"], p["height"], p["width"]
+
+    def flip(self) -> bool:
+        return self.hflip > 0 and bool(torch.rand(1) < self.hflip)  # v2.RandomHorizontalFlip's draw
+
+    def crop_full(self, img: torch.Tensor) -> torch.Tensor:
+        """A fully decoded image -> the training crop (and flip), as v2.RandomResizedCrop + RandomHorizontalFlip."""
+        if self.rrc is None:
+            return self.geometry(img)
+        box, flip = self.box(*img.shape[1:]), self.flip()
+        out = TF.resized_crop(img, *box, [self.size, self.size], interpolation=self.interp, antialias=True)
+        return out.flip(-1) if flip else out
 
 
-def eval_sample_transform(a: AugConfig, image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Resize the short side to image_size / eval_crop_ratio, center-crop image_size, normalise (streamed data)."""
+def eval_sample_transform(a: AugConfig, image_size: int) -> v2.Compose:
+    """Resize the short side to image_size / eval_crop_ratio, center-crop image_size; uint8 (normalised later)."""
     return v2.Compose(
         [
             v2.Resize(int(image_size / a.eval_crop_ratio), interpolation=a.interp, antialias=True),
             v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
         ]
     )
 
@@ -222,11 +243,6 @@ def batch_crop_flip(x: torch.Tensor, padding: int, hflip: float, g: torch.Genera
     ]  # (B, C, H, W)
 
 
-def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 normalised; mean/std already scaled to 0..255 and shaped (1, 3, 1, 1)."""
-    return (x.float() - mean) / std
-
-
 def resize_batch(x: torch.Tensor, image_size: int, crop_ratio: float, interp: InterpolationMode) -> torch.Tensor:
     """Same-size batch -> short side image_size / crop_ratio, center crop image_size (no-op when already there)."""
     short = int(image_size / crop_ratio)
@@ -235,24 +251,3 @@ def resize_batch(x: torch.Tensor, image_size: int, crop_ratio: float, interp: In
     if tuple(x.shape[-2:]) != (image_size, image_size):
         x = TF.center_crop(x, [image_size, image_size])
     return x
-
-
-class Mixer:
-    """MixUp / CutMix switching on a normalised batch (v2.MixUp / v2.CutMix), always giving soft targets
-    (B, num_classes) float32 when enabled, so the target type is the same for every batch."""
-
-    def __init__(self, a: AugConfig, num_classes: int):
-        self.a, self.num_classes = a, num_classes
-        self.mixup = v2.MixUp(alpha=a.mixup_alpha, num_classes=num_classes) if a.mixup_alpha > 0 else None
-        self.cutmix = v2.CutMix(alpha=a.cutmix_alpha, num_classes=num_classes) if a.cutmix_alpha > 0 else None
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draws from the default generator: call under fork_rng with a per-step seed."""
-        if torch.rand(()) >= self.a.mix_prob:
-            return images, F.one_hot(labels, self.num_classes).float()
-        if self.mixup is not None and self.cutmix is not None:
-            op = self.cutmix if torch.rand(()) < self.a.mix_switch_prob else self.mixup
-        else:
-            op = self.mixup or self.cutmix
-        images, targets = op(images, labels)
-        return images, targets.float()

@@ -41,6 +41,27 @@ def intra_op_threads(requested: int | None) -> tuple[int, str]:
     return max(1, cpus // ranks), f"{cpus} CPUs for this process" + (f" / {ranks} ranks" if ranks > 1 else "")
 
 
+MAX_AUTO_WORKERS = 16  # past this, more workers rarely help one GPU, and each holds its own buffers and file handles
+
+
+def cpus_per_rank() -> int:
+    """The CPUs this process may run on (its affinity: what SLURM, a container or taskset gave it), shared among the
+    training ranks of this node."""
+    return max(1, len(os.sched_getaffinity(0)) // _ranks_on_this_node())
+
+
+def loader_workers(requested: int | None, device: torch.device) -> tuple[int, str]:
+    """data.num_workers when set; else, on CUDA, this rank's CPUs but one (the training process needs a core for
+    Python, kernel launches and copies), at most 16; on CPU 1 (the model's threads need the cores; one worker makes
+    batches far faster than a CPU trains on them), 0 on a single CPU."""
+    if requested is not None:
+        return int(requested), "data.num_workers"
+    cpus = cpus_per_rank()
+    if device.type == "cuda":
+        return min(MAX_AUTO_WORKERS, max(1, cpus - 1)), f"{cpus} CPUs for this rank, one kept for training"
+    return (1 if cpus > 1 else 0), f"{cpus} CPUs for this rank, training on the CPU"
+
+
 def set_threads(requested: int | None) -> int:
     """Apply intra_op_threads and log it once: two jobs that each start torch's default pool on a shared node
     thrash (seen on a 2-core SLURM node: 15 images/s per job instead of ~800)."""
