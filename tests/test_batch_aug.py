@@ -189,8 +189,7 @@ def test_skipped_slots_return_the_input_and_input_is_not_modified():
     p = aug.draw(len(x), torch.Generator().manual_seed(0))
     p.apply[:] = False
     assert torch.equal(aug.apply(x, p), x)
-    p.apply[:] = True
-    p.op[:] = OPS.index("Solarize")
+    p.apply[:], p.op[:], p.magnitude[:] = True, OPS.index("Solarize"), 0.5
     assert not torch.equal(aug.apply(x, p), x)
     assert torch.equal(x, before)
 
@@ -235,7 +234,7 @@ def test_global_rng_untouched_and_missing_ops():
     x = images(b=3)
     aug = BatchRandAugment(1, 9, 11, magnitude_std=0.5, op_prob=0.5, fill=FILL)
     state = torch.get_rng_state()
-    out = aug(x, torch.Generator().manual_seed(0))
+    aug(x, torch.Generator().manual_seed(0))
     p = single_slot("Rotate", torch.tensor([10.0, -5.0, 0.0]))
     p.op[1, 0], p.op[2, 0] = OPS.index("Identity"), OPS.index("Equalize")  # 11 of 14 ops have no sample
     out = aug.apply(x, p)

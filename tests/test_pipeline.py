@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakedata import write_cifar10_python
 from PIL import Image
-from test_data import CLASSES, all_batches, cifar_root, folder_cfg, heavy_cifar_cfg, same  # noqa: F401 (fixture)
+from test_data import CLASSES, all_batches, folder_cfg, heavy_cifar_cfg, same
 from torchvision.transforms import InterpolationMode, v2
 
 from cvt_train.data import build_data, derive_seed
@@ -33,7 +34,7 @@ CUDA = torch.cuda.is_available()
 def write_photos(root: Path, per_class: int, size=(96, 128), quality=92) -> None:
     """Smooth random colour fields as JPEGs: DCT scaling of smooth content is close to a resize of the full decode."""
     rng = np.random.default_rng(1)
-    for label, cls in enumerate(CLASSES):
+    for cls in CLASSES:
         for split, n in (("train", per_class), ("test", 2)):
             d = root / split / cls
             d.mkdir(parents=True, exist_ok=True)
@@ -41,6 +42,11 @@ def write_photos(root: Path, per_class: int, size=(96, 128), quality=92) -> None
                 small = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
                 img = Image.fromarray(small).resize(size[::-1], Image.BICUBIC)
                 img.save(d / f"{k:03d}.jpg", quality=quality)
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> Path:
+    return write_cifar10_python(tmp_path_factory.mktemp("cifar"), n_train=40, n_test=20)
 
 
 @pytest.fixture(scope="module")
@@ -267,5 +273,7 @@ def test_small_dev_shm_is_one_clear_line(monkeypatch, photo_root, tmp_path):
 
 
 def test_interpolation_of_randaugment_geometry_stays_bilinear_for_bicubic_presets():
-    stage = BatchStage(aug_config({"name": "t", "auto_augment": "randaugment", "interpolation": "bicubic"}), *[(0.5,) * 3] * 2, 10)
+    stage = BatchStage(
+        aug_config({"name": "t", "auto_augment": "randaugment", "interpolation": "bicubic"}), *[(0.5,) * 3] * 2, 10
+    )
     assert stage.randaug.interpolation == InterpolationMode.BILINEAR

@@ -66,7 +66,9 @@ def same(a, b) -> bool:
 def test_shards_hold_the_folders_images(folder_and_shards):
     folder, shards = folder_and_shards
     from_shards, from_files = build_data(cfg_for(shards, "shards")), build_data(cfg_for(folder, "files"))
-    assert from_shards.classes == from_files.classes and torch.equal(from_shards._train.labels, from_files._train.labels)
+    assert from_shards.classes == from_files.classes and torch.equal(
+        from_shards._train.labels, from_files._train.labels
+    )
     val_s = [torch.cat(t) for t in zip(*from_shards.val_batches())]
     val_f = [torch.cat(t) for t in zip(*from_files.val_batches())]
     assert all(torch.equal(a, b) for a, b in zip(val_s, val_f)) and len(val_s[0]) == 60  # eval: fixed order

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode, v2
 
 from .batch_aug import BatchRandAugment, RandAugParams
@@ -45,9 +44,10 @@ class BatchPlan:
     cut_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # cutmix: x1, y1, x2, y2
 
     def _map(self, fn) -> BatchPlan:
+        # RandAugment's parameters stay on the CPU: its apply groups samples by op there and sends what the device
+        # needs in two pinned copies (batch_aug.py)
         return replace(
             self,
-            randaug=None if self.randaug is None else self.randaug.map(fn),
             erase_index=None if self.erase_index is None else fn(self.erase_index),
             erase_box=None if self.erase_box is None else fn(self.erase_box),
         )
@@ -84,6 +84,7 @@ class BatchStage:
         self.mixup = v2.MixUp(alpha=a.mixup_alpha, num_classes=num_classes) if a.mixup_alpha > 0 else None
         self.cutmix = v2.CutMix(alpha=a.cutmix_alpha, num_classes=num_classes) if a.cutmix_alpha > 0 else None
         self._noise: dict[torch.device, torch.Generator] = {}
+        self._mean_std: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def random(self) -> bool:
@@ -124,8 +125,11 @@ class BatchStage:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32, the arithmetic of v2.ToDtype(float32, scale=True) then v2.Normalize."""
-        mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+        if x.device not in self._mean_std:  # made once per device: a tensor from host data on CUDA waits for it
+            self._mean_std[x.device] = tuple(
+                torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (self.mean, self.std)
+            )
+        mean, std = self._mean_std[x.device]
         return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, p: BatchPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +144,8 @@ class BatchStage:
             x = self._erase(x, p)
         if p.mix == "none":
             return x, labels
-        targets = F.one_hot(labels, self.num_classes).to(torch.float32)
+        # one-hot by scatter: F.one_hot may check the labels' range on the host
+        targets = torch.zeros(len(labels), self.num_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
         if p.mix == "mixup":  # v2.MixUp's arithmetic: the batch rolled by one is the partner
             x = x.roll(1, 0).mul_(1.0 - p.lam).add_(x.mul(p.lam))
         elif p.mix == "cutmix":
