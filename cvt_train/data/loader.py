@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from ..engine.allocation import loader_workers
@@ -316,13 +316,13 @@ class _Collate:
             return None, None, None, faults
         y = torch.tensor([s[1] for s in good], dtype=torch.long)
         if self.stage is None:
-            return torch.stack([s[0] for s in good]), y, None, faults
+            return default_collate([s[0] for s in good]), y, None, faults
         epoch, step = good[0][2], good[0][3]
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, TAG_BATCH, self.rank, step))
         if any(isinstance(s[0], _Encoded) for s in good):  # data.decode=gpu: decoded and cropped on the device
             size = (self.image_size, self.image_size)
             return _GpuBatch(good), y, _plan(self.stage, len(good), size, g, self.seed, epoch, self.rank, step), faults
-        x = torch.stack([s[0] for s in good])
+        x = default_collate([s[0] for s in good])  # in a worker it stacks straight into shared memory (one copy)
         return _finish(x, y, self.stage, self.in_worker, g, self.seed, epoch, self.rank, step)[:3] + (faults,)
 
 
@@ -578,19 +578,13 @@ class Data:
                 yield x, y, plan
                 continue
             with torch.cuda.stream(copy_stream):
-                moved = (
-                    x if isinstance(x, _GpuBatch) else self._to_device(x),
-                    self._to_device(y),
-                    self._to_device(plan),
-                )
+                moved = (x if isinstance(x, _GpuBatch) else self._to_device(x), self._to_device(y), plan)
             if ahead is not None:
                 yield ahead
             torch.cuda.current_stream(self.device).wait_stream(copy_stream)
             for t in (moved[0], moved[1]):
                 if isinstance(t, torch.Tensor):
                     t.record_stream(torch.cuda.current_stream(self.device))
-            if moved[2] is not None:
-                moved[2].record_stream(torch.cuda.current_stream(self.device))
             ahead = moved
         if ahead is not None:
             yield ahead
@@ -640,19 +634,13 @@ class Data:
                 yield x, y, plan
                 continue
             with torch.cuda.stream(copy_stream):
-                moved = (
-                    x if isinstance(x, _GpuBatch) else self._to_device(x),
-                    self._to_device(y),
-                    self._to_device(plan),
-                )
+                moved = (x if isinstance(x, _GpuBatch) else self._to_device(x), self._to_device(y), plan)
             if ahead is not None:
                 yield ahead
             torch.cuda.current_stream(self.device).wait_stream(copy_stream)
             for t in (moved[0], moved[1]):
                 if isinstance(t, torch.Tensor):
                     t.record_stream(torch.cuda.current_stream(self.device))
-            if moved[2] is not None:
-                moved[2].record_stream(torch.cuda.current_stream(self.device))
             ahead = moved
         if ahead is not None:
             yield ahead
