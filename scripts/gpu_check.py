@@ -838,7 +838,6 @@ def section_loader(args, sizes: Sizes, res: Results, work: Path) -> None:
     x = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, device=args.device)
     y = torch.randint(0, 4, (batch,), device=args.device)
     plans = [stage.plan(batch, image_size, image_size, torch.Generator().manual_seed(k), k, k) for k in range(12)]
-    plans = [p.to(torch.device(args.device)) for p in plans]
     stage(x, y, plans[0])  # warm-up
     times = []
     if cuda:

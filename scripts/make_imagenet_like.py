@@ -122,7 +122,7 @@ def main() -> None:
         f"{time.perf_counter() - t0:.1f} s\n"
         f"mean file size {nbytes / total / 1e3:.1f} KB, mean pixel count {pixels / total / 1e3:.1f} k (mean size "
         f"{widths / total:.0f}x{heights / total:.0f}), total {nbytes / 1e6:.1f} MB\n"
-        "(for comparison: real ImageNet train JPEGs average about 110 KB and roughly 400x350 pixels)"
+        "(for comparison: real ImageNet train JPEGs average about 110 KB and about 470x390 pixels)"
     )
 
 

@@ -125,3 +125,10 @@ def test_timeout_keeps_the_other_sections(quick_run, tmp_path):
 def test_unknown_section_is_refused(tmp_path):
     proc = gpu_check("--out", str(tmp_path / "x.json"), "--sections", "bench,speed", timeout=60)
     assert proc.returncode != 0 and "unknown speed" in proc.stderr
+
+
+def test_loader(quick_run):
+    loader = quick_run[1]["sections"]["loader"]
+    assert set(loader["runs"]) == {"scaled"}  # decode=gpu only where CUDA is
+    assert loader["runs"]["scaled"]["images_per_s"] > 0 and loader["runs"]["scaled"]["augment_on"] == "workers"
+    assert loader["stage"]["ms_per_batch"] > 0 and loader["stage"]["syncs"] == 0

@@ -193,7 +193,7 @@ class _MemoryTrain(Dataset):
             )
             if a.hflip > 0:
                 pre.append(v2.RandomHorizontalFlip(a.hflip))
-        pre += [t for t in photometric(a, (0, 0, 0)) if not isinstance(t, (v2.RandAugment, NoisyRandAugment))]
+        pre += [t for t in photometric(a, stage.mean) if not isinstance(t, (v2.RandAugment, NoisyRandAugment))]
         self.per_sample = v2.Compose(pre) if pre else None
 
     def __len__(self) -> int:  # not used by the sampler; keeps DataLoader happy
@@ -328,11 +328,10 @@ class _Collate:
 
 class _GpuBatch:
     """A batch for the GPU decoder: JPEG bytes with their boxes and flips, and the samples that were decoded on the
-    CPU anyway (non-JPEG files), already cropped; plus the (epoch, step) key for the batch stage's plan."""
+    CPU anyway (non-JPEG files), already cropped (placing those costs a host-to-device index copy: rare)."""
 
     def __init__(self, good: list):
         self.items = [s[0] for s in good]
-        self.epoch, self.step = good[0][2], good[0][3]
 
     def pin_memory(self) -> _GpuBatch:
         for item in self.items:
