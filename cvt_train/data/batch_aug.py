@@ -1,6 +1,6 @@
 """Batched RandAugment: a different random op and magnitude for every image of a uint8 batch, in a few tensor ops.
 
-torchvision's v2.RandAugment (and transforms.NoisyRandAugment on top of it) draws one op per call and so runs per
+torchvision's v2.RandAugment (and the NoisyRandAugment this repo built on it) draws one op per call and so ran per
 sample in the DataLoader workers; that Python loop is the input pipeline's bottleneck. Here `draw` takes all the
 randomness of a batch from one CPU generator up front, and `apply` groups the samples of each op slot by op and runs
 each op once on its sub-batch with per-sample magnitude tensors, on whatever device the batch lives on.
@@ -111,7 +111,7 @@ class BatchRandAugment:
 
     Per sample and op slot: applied with probability `op_prob`; op uniform over OPS; magnitude bin `magnitude`, or
     with `magnitude_std` > 0 a continuous bin ~ N(magnitude, std) clipped to [0, num_bins - 1] (timm's mstd; the
-    fraction of each op's range is used as is, where transforms.NoisyRandAugment rounds it to a 10x finer grid);
+    fraction of each op's range is used as is, where the per-sample NoisyRandAugment it replaced rounded it to a 10x finer grid);
     signed ops negated with probability 0.5. With std = 0 and an integer magnitude the values are exactly
     v2.RandAugment's (its float32 linspace tables)."""
 

@@ -48,7 +48,6 @@ from .decode import CorruptImage, decode_bytes, decode_crop_scaled, decode_on_gp
 from .sources import Source, Split, load_source
 from .transforms import (
     AugConfig,
-    NoisyRandAugment,
     TrainCrop,
     aug_config,
     batch_crop_flip,
@@ -193,7 +192,7 @@ class _MemoryTrain(Dataset):
             )
             if a.hflip > 0:
                 pre.append(v2.RandomHorizontalFlip(a.hflip))
-        pre += [t for t in photometric(a, stage.mean) if not isinstance(t, (v2.RandAugment, NoisyRandAugment))]
+        pre += photometric(a, stage.mean)
         self.per_sample = v2.Compose(pre) if pre else None
 
     def __len__(self) -> int:  # not used by the sampler; keeps DataLoader happy
@@ -677,9 +676,7 @@ def _decode_mode(requested: str, device: torch.device, a: AugConfig) -> str:
     if requested == "gpu":
         if device.type != "cuda":
             raise UserError(f"data.decode=gpu needs a CUDA device, not {device}; use data.decode=scaled or full")
-        if a.crop != "random_resized" or any(
-            not isinstance(t, (v2.RandAugment, NoisyRandAugment)) for t in photometric(a, (0, 0, 0))
-        ):
+        if a.crop != "random_resized" or photometric(a, (0, 0, 0)):
             raise UserError(
                 f"data.decode=gpu supports aug presets whose per-sample ops are RandomResizedCrop and flip (aug={a.name} "
                 f"has crop={a.crop}, auto_augment={a.auto_augment}, color_jitter={a.color_jitter}); use data.decode=scaled"

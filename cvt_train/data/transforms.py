@@ -99,61 +99,15 @@ def aug_config(acfg: Any) -> AugConfig:
 # per-sample v2 pipelines
 
 
-class NoisyRandAugment(v2.RandAugment):
-    """v2.RandAugment with a per-op magnitude ~ N(magnitude, std), clipped to 0..num_bins-1 (timm's magnitude_std),
-    each op applied with probability `prob` (timm's 0.5).
-
-    The parent runs one op per call on a 10x finer grid, so magnitude m maps to index round(10 m): the same fraction
-    of each op's range as v2.RandAugment(magnitude=m, num_magnitude_bins=num_bins) for integer m. Draws from torch's
-    global RNG (the loader seeds it per sample)."""
-
-    STEPS = 10  # fine-grid steps per magnitude unit
-
-    def __init__(self, num_ops: int, magnitude: float, num_bins: int, std: float, prob: float = 1.0, **kwargs):
-        super().__init__(1, round(magnitude * self.STEPS), (num_bins - 1) * self.STEPS + 1, **kwargs)
-        self.total_ops, self.magnitude_mean, self.magnitude_std = num_ops, float(magnitude), float(std)
-        self.prob = float(prob)
-        self.magnitude_max = float(num_bins - 1)
-
-    def forward(self, *inputs: Any) -> Any:
-        for _ in range(self.total_ops):
-            if self.prob < 1.0 and float(torch.rand(())) >= self.prob:
-                continue
-            m = self.magnitude_mean + self.magnitude_std * float(torch.randn(()))
-            m = min(max(m, 0.0), self.magnitude_max)
-            self.magnitude = round(m * self.STEPS)
-            out = super().forward(*inputs)
-            inputs = out if len(inputs) > 1 else (out,)
-        return inputs if len(inputs) > 1 else inputs[0]
-
-
 def photometric(a: AugConfig, mean: Sequence[float]) -> list:
-    """uint8 -> uint8 per-sample colour/geometry policies: RandAugment / TrivialAugment, or ColorJitter."""
-    fill = [round(255 * m) for m in mean]  # timm fills RandAugment's rotate/shear/translate with the mean pixel
+    """uint8 -> uint8 per-sample colour/geometry policies: TrivialAugment, or ColorJitter. RandAugment is not here:
+    it runs batched in the batch stage (batch_stage.py, batch_aug.py)."""
+    fill = [round(255 * m) for m in mean]  # timm fills the geometric ops with the mean pixel
     # v2's affine ops on tensors know only nearest / bilinear: bicubic (timm's, through PIL) falls back to bilinear
     interp = InterpolationMode.BILINEAR if a.interp == InterpolationMode.BICUBIC else a.interp
-    if a.auto_augment == "randaugment":
-        # magnitude 9 of 11 bins = timm's m9 on its 0..10 scale; std > 0 adds timm's per-op noise ("mstd0.5")
-        if a.randaugment_magnitude_std > 0 or a.randaugment_op_prob < 1:
-            return [
-                NoisyRandAugment(
-                    a.randaugment_num_ops,
-                    a.randaugment_magnitude,
-                    a.randaugment_bins,
-                    a.randaugment_magnitude_std,
-                    a.randaugment_op_prob,
-                    interpolation=interp,
-                    fill=fill,
-                )
-            ]
-        return [
-            v2.RandAugment(
-                a.randaugment_num_ops, a.randaugment_magnitude, a.randaugment_bins, interpolation=interp, fill=fill
-            )
-        ]
     if a.auto_augment == "trivialaugment":
         return [v2.TrivialAugmentWide(interpolation=interp, fill=fill)]
-    if a.color_jitter > 0:  # timm (the official loader) applies ColorJitter only without an auto-augment policy
+    if a.color_jitter > 0 and a.auto_augment is None:  # timm applies ColorJitter only without an auto-augment policy
         return [v2.ColorJitter(a.color_jitter, a.color_jitter, a.color_jitter)]
     return []
 
@@ -182,7 +136,7 @@ class TrainCrop:
             if a.hflip > 0:
                 geo.append(v2.RandomHorizontalFlip(a.hflip))
         self.geometry = v2.Compose(geo) if geo else None
-        per_sample = [t for t in photometric(a, mean) if not isinstance(t, (v2.RandAugment, NoisyRandAugment))]
+        per_sample = photometric(a, mean)
         self.photometric = v2.Compose(per_sample) if per_sample else None
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
