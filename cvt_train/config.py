@@ -104,6 +104,8 @@ class TrainerConfig:
     seed: int = rule(0, ge=0)
     deterministic: bool = False
     eval_every: int = rule(1, ge=1)
+    eval_tta: str | None = rule(None, choices=(None, "flip"), what="test-time augmentation")  # also tta_top1
+    time_budget_min: float | None = rule(None, gt=0)  # plan the epochs to end within N minutes (engine/budget.py)
     resume: str | None = None
     init_from: str | None = None
     max_nonfinite: int = rule(5, ge=1)
@@ -128,6 +130,7 @@ class TrainConfig:
 @dataclass
 class EvalSection:
     split: str = rule("val", choices=("val", "test", "train"), what="split")
+    tta: str | None = rule(None, choices=(None, "flip"), what="test-time augmentation")  # flip: also tta_top1
     resolution: int | None = rule(None, ge=1)
     ema: bool = False
     batch_size: int | None = rule(None, ge=1)

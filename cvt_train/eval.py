@@ -172,7 +172,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     size = int(ecfg.data.image_size)
     bar = tqdm(total=data.num_val, desc=f"eval {cfg.eval.split}", disable=not cfg.eval.progress, dynamic_ncols=True)
     start = time.perf_counter()
-    metrics = evaluate(model, batches, device, autocast(device, amp_dtype), bar)
+    metrics = evaluate(model, batches, device, autocast(device, amp_dtype), bar, tta=cfg.eval.tta)
     seconds = time.perf_counter() - start
     bar.close()
     result = {
@@ -185,6 +185,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
         "checkpoint_format": fmt,
         "ema": bool(cfg.eval.ema),
         "split": cfg.eval.split,
+        "tta": cfg.eval.tta,
         "resolution": size,
         "model": mc.name,
         "data": ecfg.data.name,
@@ -193,7 +194,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
         "device": str(device),
     }
     Path(run_dir, "eval.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("top1", "top5", "loss", "images", "params", "gmacs", "images_per_s")}))
+    keys = ("top1", "top5", "loss", "tta_top1", "tta_top5", "images", "params", "gmacs", "images_per_s")
+    print(json.dumps({k: result[k] for k in keys if k in result}))
     return result
 
 

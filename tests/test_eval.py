@@ -171,6 +171,22 @@ def test_top1_equals_an_independent_count(ckpt, test_images, tmp_path):
     assert report["images_per_s"] > 0 and 0 < report["loss"] < 2.3
 
 
+def test_flip_tta_is_the_mean_of_image_and_mirror_logits(ckpt, test_images, tmp_path):
+    result, report = cvt_eval([f"ckpt={ckpt}", "trainer.precision=fp32", "eval.tta=flip"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = load_model(ckpt)
+    images, labels = test_images
+    x = normalise(images, CIFAR10_MEAN, CIFAR10_STD)
+    with torch.no_grad():
+        mean_logits = (model(x) + model(x.flip(3))) / 2
+    top5 = mean_logits.topk(5, dim=1).indices
+    assert report["tta"] == "flip"
+    assert report["tta_top1"] == 100.0 * (top5[:, 0] == labels).sum().item() / len(labels)
+    assert report["tta_top5"] == 100.0 * (top5 == labels[:, None]).any(1).sum().item() / len(labels)
+    assert report["tta_loss"] == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, labels).item(), rel=1e-5)
+    assert (report["top1"], report["top5"]) == count_top1_top5(model, images, labels, CIFAR10_MEAN, CIFAR10_STD)
+
+
 @pytest.mark.parametrize(
     "split,extra,images",
     [

@@ -12,6 +12,7 @@ evaluate.py, the EMA in ema.py, the loop's meters in meters.py, trainer.profile 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from ..models import CvT, model_config, num_params
 from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from . import distributed
 from .allocation import set_threads
+from .budget import GUARD_STOP, Plan, calibrate, describe, plan_epochs, process_age_s
 from .checkpoint import (
     FORMAT_VERSION,
     fault_point,
@@ -119,18 +121,20 @@ class Trainer:
         self.model = model = self._build_model(init_from=tcfg.init_from if ckpt is None else None)
         self.amp_dtype = autocast_dtype(tcfg.precision, dist.device)
         self.steps_per_epoch = self._steps_per_epoch()
+        self.ema = WeightEma(model, tcfg.ema.decay, tcfg.ema.warmup, dist.device) if tcfg.ema.enabled else None
+        self.plan = self._plan(ckpt)  # trainer.time_budget_min: the epochs, from a timed calibration
+        self.epochs = self.plan.epochs if self.plan is not None else tcfg.epochs
         global_batch = cfg.data.batch_size * dist.world_size * tcfg.accum_steps
         lr = learning_rate(cfg.optim, global_batch)
         self.optimizer = build_optimizer(model, cfg.optim, lr)
         self.scheduler = build_scheduler(
-            self.optimizer, cfg.sched, lr, self.steps_per_epoch // tcfg.accum_steps, tcfg.epochs
+            self.optimizer, cfg.sched, lr, self.steps_per_epoch // tcfg.accum_steps, self.epochs
         )
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.grad_params = [p for p in model.parameters() if p.requires_grad]
         # Fused optimizers skip a step on the device when told `found_inf` (the GradScaler's contract); others
         # need the decision on the host: one read per step (the log says so).
         self.skips_on_device = bool(self.optimizer.param_groups[0].get("fused"))
-        self.ema = WeightEma(model, tcfg.ema.decay, tcfg.ema.warmup, dist.device) if tcfg.ema.enabled else None
         self.meters = StepMeters(dist.device, tcfg.max_nonfinite)
         self.progress = Progress()
         if ckpt is not None:
@@ -143,6 +147,7 @@ class Trainer:
         self.log_history: list[dict] = []  # one entry per log point: step, epoch, loss, lr, skipped
         self.data_wait = 0.0  # fraction of the last epoch spent waiting for the data loader
         self.stop_signal: int | None = None  # the signal that stopped the run early, if one did
+        self._warned_budget = False
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
         image = (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
         self.run_info = {"params": num_params(model), "gmacs": count_macs(model, image) / 1e9}
@@ -168,6 +173,66 @@ class Trainer:
                 log.info("trainer.resume=auto: no %s yet, starting fresh", last)
             return last if found else None
         return Path(str(resume)) if resume else None
+
+    def _plan(self, ckpt: dict | None) -> Plan | None:
+        """trainer.time_budget_min: the checkpoint's plan when resuming (so the run ends where it would have),
+        else a new one from a calibration (rank 0's, for every rank); None without a budget."""
+        tcfg, dist = self.cfg.trainer, self.dist
+        if tcfg.time_budget_min is None:
+            return None
+        if ckpt is not None:
+            if not ckpt.get("plan"):
+                raise UserError(
+                    "trainer.time_budget_min: the checkpoint resumed from was made without a time budget; resume "
+                    "it without trainer.time_budget_min (its trainer.epochs decide)"
+                )
+            plan = Plan(**ckpt["plan"])
+            if plan.budget_min != tcfg.time_budget_min and dist.is_main:
+                log.warning(
+                    "trainer.time_budget_min=%g: resuming keeps the checkpoint's plan of %d epochs (made for %g min)",
+                    tcfg.time_budget_min,
+                    plan.epochs,
+                    plan.budget_min,
+                )
+            return plan
+        forwards = (2 if tcfg.eval_tta == "flip" else 1) * (2 if self.ema is not None else 1)
+        train_rate, eval_rate = calibrate(self, forwards)
+        ws, data = dist.world_size, self.data
+        plan = plan_epochs(
+            tcfg.time_budget_min,
+            process_age_s(),
+            train_rate * ws,
+            eval_rate * ws,
+            self.steps_per_epoch * data.batch_size * ws,
+            data.num_val,
+            tcfg.eval_every,
+        )
+        plan = broadcast_object(plan)
+        if dist.is_main:
+            log.info("%s", describe(plan))
+        return plan
+
+    def _over_budget(self) -> bool:
+        """After an epoch of a budgeted run: warn when the run is projected to end past its budget, and say to stop
+        (at this epoch boundary) when past GUARD_STOP of it. The projection scales the plan's remaining time by how
+        much slower than calibrated the epochs so far ran."""
+        plan, p = self.plan, self.progress
+        if plan is None or p.epoch >= self.epochs:
+            return False
+        elapsed = plan.spent_s + time.perf_counter() - self.wall_start
+        slower = (elapsed - plan.spent_s) / max(plan.seconds(p.epoch), 1e-9)
+        projected, budget = plan.spent_s + slower * plan.seconds(self.epochs), plan.budget_min * 60
+        stop = broadcast_object(projected > GUARD_STOP * budget)  # rank 0's clock decides for every rank
+        if projected > budget and self.dist.is_main and (stop or not self._warned_budget):
+            self._warned_budget = True
+            log.warning(
+                "time budget %g min: epochs run %.2fx slower than calibrated; projected end at %.1f min%s",
+                plan.budget_min,
+                slower,
+                projected / 60,
+                f": stopping after epoch {p.epoch} of the planned {self.epochs} (last.pt written)" if stop else "",
+            )
+        return stop
 
     def _remove_stale_temporaries(self) -> None:
         for tmp in remove_stale_temporaries(self.run_dir):
@@ -276,13 +341,13 @@ class Trainer:
         tcfg, dist, p = self.cfg.trainer, self.dist, self.progress
         try:
             with StopRequest() as stop, self.profiler or contextlib.nullcontext():
-                for epoch in range(p.epoch, tcfg.epochs):
+                for epoch in range(p.epoch, self.epochs):
                     self.train_model.train()
                     first = p.step if epoch == p.epoch else 0  # (mid-epoch after a resume)
                     clock = EpochClock(
                         self.steps_per_epoch,
                         first,
-                        f"epoch {epoch + 1}/{tcfg.epochs}",
+                        f"epoch {epoch + 1}/{self.epochs}",
                         show=dist.is_main and tcfg.progress,
                     )
                     for step, (images, targets) in clock.batches(self.data.train_batches(epoch, first)):
@@ -305,12 +370,14 @@ class Trainer:
                     self.log_point(clock)
                     self.data_wait, self.train_loss = clock.rates(dist.world_size)[1], self.meters.read_epoch()
                     p.epoch, p.step = epoch + 1, 0
-                    if p.epoch % tcfg.eval_every == 0 or p.epoch == tcfg.epochs:
+                    if p.epoch % tcfg.eval_every == 0 or p.epoch == self.epochs:
                         if self.evaluate(clock.seen, clock.seconds):
                             self.save("best.pt")  # before last.pt: a kill between the two redoes the epoch and best.pt
                     self.save("last.pt")
-                    if p.epoch < tcfg.epochs and stop.requested(dist):  # it came during the evaluation
+                    if p.epoch < self.epochs and stop.requested(dist):  # it came during the evaluation
                         return self.stopped(stop)
+                    if self._over_budget():  # the machine slowed down badly: end at this epoch boundary
+                        break
                 if stop.requested(dist):  # during the last evaluation: the run is complete, but a sweep must
                     self.stop_signal = stop.signum  # still stop (train.py)
             self.finish()
@@ -419,6 +486,7 @@ class Trainer:
             tcfg.progress,
             p.epoch,
             pad_to=self.data.batch_size if tcfg.compile else None,
+            tta=tcfg.eval_tta,
         )
         metrics.update(
             epoch=p.epoch,
@@ -437,21 +505,22 @@ class Trainer:
 
     def _report(self, metrics: dict, seconds: float) -> None:
         """Rank 0: an evaluation's log line, TensorBoard scalars and metrics.json."""
-        p, tcfg, writer = self.progress, self.cfg.trainer, self.writer
+        p, writer = self.progress, self.writer
         log.info(
             "epoch %d/%d: train loss %.4f | val top1 %.2f top5 %.2f loss %.4f%s | %.0f img/s, %.0f%% of the "
             "time waiting for data",
             p.epoch,
-            tcfg.epochs,
+            self.epochs,
             self.train_loss,
             metrics["top1"],
             metrics["top5"],
             metrics["loss"],
-            f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "",
+            (f" | flip-TTA top1 {metrics['tta_top1']:.2f}" if "tta_top1" in metrics else "")
+            + (f" | ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else ""),
             metrics["images_per_s"],
             100 * self.data_wait,
         )
-        for key in ("top1", "top5", "loss", "ema_top1", "ema_top5"):
+        for key in ("top1", "top5", "loss", "tta_top1", "ema_top1", "ema_top5", "ema_tta_top1"):
             if key in metrics:
                 writer.add_scalar(f"val/{key}", metrics[key], p.epoch)
         writer.add_scalar("train/epoch_time_s", seconds, p.epoch)
@@ -517,6 +586,7 @@ class Trainer:
                 "rng": rng_states(),
                 "config": self.config_dict,
                 "classes": list(self.data.classes),
+                "plan": dataclasses.asdict(self.plan) if self.plan is not None else None,
             },
             self.run_dir / name,
         )
