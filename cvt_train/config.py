@@ -70,10 +70,12 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = rule("cosine", choices=("cosine", "constant"), what="schedule")
+    name: str = rule("cosine", choices=("cosine", "constant", "multistep"), what="schedule")
     warmup_epochs: float = rule(0.0, ge=0)
     warmup_lr: float = rule(1e-6, ge=0)
     min_lr: float = rule(0.0, ge=0)
+    milestones: list[float] = rule([], item_ge=0)  # multistep: epochs at which the rate is multiplied by gamma
+    gamma: float = rule(0.1, gt=0, le=1)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from omegaconf import OmegaConf
 
-from cvt_train.engine.optim import build_optimizer, load_optimizer_state
+from cvt_train.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 
 def adamw(fused: bool):
@@ -74,3 +74,31 @@ def test_resume_into_channels_last_keeps_the_run_fused_and_exact(saved_fused):
     steps(model, opt, grads, 2)
     steps(resumed, resumed_opt, grads, 2)
     assert_same_params(model, resumed)
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_multistep_multiplies_by_gamma_at_each_milestone_epoch(warmup):
+    """The zoo recipe's schedule: 0.1, x0.2 at epochs 60, 120, 160 (here 3, 6, 8 epochs of 5 steps), after an
+    optional linear warmup that does not move the milestones."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = OmegaConf.create(
+        {
+            "name": "multistep",
+            "warmup_epochs": warmup,
+            "warmup_lr": 1e-3,
+            "min_lr": 0,
+            "milestones": [3, 6, 8],
+            "gamma": 0.2,
+        }
+    )
+    scheduler = build_scheduler(opt, sched, 0.1, steps_per_epoch=5, epochs=10)
+    rates = []
+    for _ in range(50):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    expected = [0.1 * 0.2 ** sum(step >= 5 * m for m in (3, 6, 8)) for step in range(50)]
+    assert rates[5 * warmup :] == pytest.approx(expected[5 * warmup :], rel=1e-9)
+    if warmup:
+        assert rates[0] == pytest.approx(1e-3) and rates[0] < rates[5] < rates[10]

@@ -140,12 +140,40 @@ def test_cifar_recipes_build_for_32px_and_run(experiment, tmp_path_factory):
         "data.num_workers=0",
         "data.train_subset=16",
         "trainer.epochs=1",
+        "trainer.time_budget_min=null",  # (cifar10_cpu plans by time: tests/test_budget.py)
         "trainer.progress=false",
         "trainer.max_steps_per_epoch=2",
     ]
     train(compose_train(small), run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["images"] == 16 and 0.0 <= metrics["top1"] <= 100.0
+
+
+def test_time_budgeted_recipes():
+    assert compose_train(["experiment=cifar10_cpu"]).trainer.time_budget_min == 28
+    fast, full = compose_train(["experiment=cifar10_cvt_fast"]), compose_train(["experiment=cifar10_cvt"])
+    assert fast.trainer.time_budget_min == 10 and fast.trainer.compile and fast.data.batch_size == 256
+    assert fast.model == full.model and fast.aug == full.aug  # cifar10_cvt's model and augmentation, against the clock
+
+
+def test_cifar10_zoo_is_the_zoo_recipe(tmp_path_factory):
+    """pprp/PyTorch-CIFAR-Model-Hub's CvT and training (lib/config/default.yaml): SGD 0.1, momentum 0.9, no
+    Nesterov, weight decay 5e-4, batch 128, 200 epochs, x0.2 at 60/120/160, pad-4 crop + flip only."""
+    cfg = compose_train(["experiment=cifar10_zoo"])
+    o, s, a = cfg.optim, cfg.sched, cfg.aug
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.1, 0.9, False, 5e-4)
+    assert (s.name, list(s.milestones), s.gamma, s.warmup_epochs) == ("multistep", [60, 120, 160], 0.2, 0)
+    assert (cfg.data.batch_size, cfg.trainer.epochs, a.crop, a.crop_padding, a.hflip) == (128, 200, "pad_crop", 4, 0.5)
+    assert a.auto_augment is None and a.mixup_alpha == a.cutmix_alpha == a.random_erasing == a.label_smoothing == 0
+    mc = model_config(cfg.model)
+    assert [s.dim_embed for s in mc.stages] == [64, 192, 384] and [s.depth for s in mc.stages] == [1, 2, 10]
+    assert [s.num_heads for s in mc.stages] == [1, 3, 6] and [s.patch_stride for s in mc.stages] == [4, 2, 2]
+    assert not any(s.qkv_bias or s.cls_token for s in mc.stages) and mc.act == "gelu"
+    assert stage_map_sizes(mc, (32, 32)) == [(8, 8), (4, 4), (2, 2)]
+    root = write_cifar10_python(tmp_path_factory.mktemp("cifar"), n_train=32, n_test=8)
+    small = ["experiment=cifar10_zoo", f"data.root={root}", "data.batch_size=8", "data.num_workers=0"]
+    small += ["data.train_subset=16", "trainer.epochs=1", "trainer.progress=false", "trainer.max_steps_per_epoch=2"]
+    train(compose_train(small), tmp_path_factory.mktemp("run"))
 
 
 def test_cifar10_cvt_is_a_full_gpu_recipe():

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    MultiStepLR,
+    SequentialLR,
+)
 
 
 def learning_rate(optim: DictConfig, global_batch: int) -> float:
@@ -48,11 +55,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, sched: DictConfig, lr: float, steps_per_epoch: int, epochs: int
 ) -> LRScheduler:
-    """Linear warmup from `warmup_lr`, then cosine to `min_lr` (or constant); stepped once per optimizer step."""
+    """Linear warmup from `warmup_lr`, then cosine to `min_lr`, constant, or multistep (x gamma at each of the
+    milestone epochs, counted from the start of training); stepped once per optimizer step."""
     total = max(1, steps_per_epoch * epochs)
     warmup = min(int(round(sched.warmup_epochs * steps_per_epoch)), total - 1)
-    if sched.name == "constant":  # (or cosine: config.py's SchedConfig choices, checked by validate)
+    if sched.name == "constant":  # (config.py's SchedConfig choices, checked by validate)
         main = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif sched.name == "multistep":  # (SequentialLR restarts the count at the warmup's end: milestones shift back)
+        steps = sorted(max(1, round(m * steps_per_epoch) - warmup) for m in sched.milestones)
+        main = MultiStepLR(optimizer, milestones=steps, gamma=sched.gamma)
     else:
         main = CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=sched.min_lr)
     if warmup == 0:
