@@ -31,7 +31,9 @@ def test_plot_of_two_runs_and_bad_input(tmp_path):
     done = plot(str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "tta", "plain", "--out", str(out))
     assert done.returncode == 0, done.stderr
     with Image.open(out) as im:
-        assert im.size == (840, 540) and len(im.convert("L").getcolors(maxcolors=2**16)) > 10  # a drawn figure, not blank
+        assert (
+            im.size == (840, 540) and len(im.convert("L").getcolors(maxcolors=2**16)) > 10
+        )  # a drawn figure, not blank
     bad = plot(str(tmp_path), "--out", str(out))
     assert bad.returncode == 1 and "no tb/ folder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     bad = plot(str(tmp_path / "a"), "--labels", "x", "y", "--out", str(out))
