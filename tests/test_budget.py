@@ -106,3 +106,9 @@ def test_resuming_an_unbudgeted_run_with_a_budget_is_refused(cifar, tmp_path, mo
         train(compose_train(overrides(cifar, "trainer.epochs=2")), tmp_path)
     with pytest.raises(trainer_module.UserError, match="made without a time budget"):
         Trainer(compose_train(overrides(cifar, "trainer.time_budget_min=1", "trainer.resume=auto")), tmp_path)
+
+
+def test_epochs_shorter_than_the_calibration_warmup(cifar, tmp_path):
+    """2 steps per epoch (fewer than the calibration's warm-up): timed whole, and the plan is made."""
+    trainer = Trainer(compose_train(overrides(cifar, "trainer.time_budget_min=0.2", "data.train_subset=100")), tmp_path)
+    assert trainer.steps_per_epoch == 2 and trainer.epochs >= 1 and trainer.plan.train_images_per_s > 0

@@ -109,7 +109,7 @@ def calibrate(trainer, eval_forwards: int) -> tuple[float, float]:
     optimizer = build_optimizer(model, cfg.optim, 1e-12)  # a step's cost does not depend on the rate
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
     rng = torch.get_rng_state()
-    seen, start = 0, None
+    seen, start = 0, time.perf_counter()  # (an epoch shorter than the warm-up is timed whole)
     batches = trainer.data.train_batches(0)
     try:
         for i, (images, targets) in enumerate(batches):
@@ -127,7 +127,7 @@ def calibrate(trainer, eval_forwards: int) -> tuple[float, float]:
     finally:
         batches.close()
     _sync(device)
-    train_rate = seen / (time.perf_counter() - start) if start is not None and seen else float("nan")
+    train_rate = seen / max(time.perf_counter() - start, 1e-9)
     model.eval()
     seen, start = 0, None
     with torch.no_grad():
