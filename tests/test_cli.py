@@ -165,7 +165,7 @@ def test_help_names_the_app_and_lists_the_groups(module, app, tmp_path):
     result = cli(module, ["--help"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"{app}: ") and "== Configuration groups ==" in result.stdout
-    assert "model: cvt13, cvt13_cifar, cvt21" in result.stdout
+    assert "model: cvt13, cvt13_cifar, cvt13_zoo, cvt21" in result.stdout
     assert list(tmp_path.iterdir()) == []
 
 
