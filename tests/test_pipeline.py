@@ -216,6 +216,8 @@ def test_decode_modes_refused_where_they_cannot_run(photo_root, tmp_path, monkey
     monkeypatch.setattr("cvt_train.data.loader.simplejpeg", None)
     with pytest.raises(UserError, match=r"data.decode=scaled needs simplejpeg: pip install 'cvt-train\[fast\]'"):
         build_data(photo_cfg(photo_root, tmp_path, data__decode="scaled"))
+    with pytest.raises(UserError, match=r"data.decode=gpu needs simplejpeg"):  # (it reads the crops' sizes too)
+        build_data(photo_cfg(photo_root, tmp_path, data__decode="gpu"))
     assert build_data(photo_cfg(photo_root, tmp_path)).decode == "full"  # auto without simplejpeg
 
 

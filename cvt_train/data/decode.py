@@ -32,7 +32,6 @@ try:
 except ImportError:  # optional: pip install 'cvt-train[fast]'
     simplejpeg = None
 
-DECODES = ("auto", "full", "scaled", "gpu")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 

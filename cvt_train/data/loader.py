@@ -352,7 +352,7 @@ class _GpuBatch:
             return decoded
         out = torch.empty((len(self.items), 3, size, size), dtype=torch.uint8, device=device)
         out[jpegs] = decoded
-        rest = [k for k in range(len(self.items)) if k not in set(jpegs)]
+        rest = sorted(set(range(len(self.items))) - set(jpegs))
         out[rest] = torch.stack([self.items[k] for k in rest]).to(device, non_blocking=True)
         return out
 
@@ -605,8 +605,10 @@ def _decode_mode(requested: str, device: torch.device, a: AugConfig) -> str:
     """data.decode, with `auto` resolved (see decode.py), and what each mode needs."""
     if requested == "auto":
         return "scaled" if simplejpeg is not None else "full"
-    if requested == "scaled" and simplejpeg is None:
-        raise UserError("data.decode=scaled needs simplejpeg: pip install 'cvt-train[fast]' (or data.decode=full)")
+    if requested in ("scaled", "gpu") and simplejpeg is None:  # both read each JPEG's size from its header
+        raise UserError(
+            f"data.decode={requested} needs simplejpeg: pip install 'cvt-train[fast]' (or data.decode=full)"
+        )
     if requested == "gpu":
         if device.type != "cuda":
             raise UserError(f"data.decode=gpu needs a CUDA device, not {device}; use data.decode=scaled or full")
