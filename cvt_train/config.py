@@ -70,7 +70,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = rule("cosine", choices=("cosine", "constant", "multistep"), what="schedule")
+    name: str = rule("cosine", choices=("cosine", "linear", "constant", "multistep"), what="schedule")
     warmup_epochs: float = rule(0.0, ge=0)
     warmup_lr: float = rule(1e-6, ge=0)
     min_lr: float = rule(0.0, ge=0)

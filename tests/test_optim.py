@@ -102,3 +102,19 @@ def test_multistep_multiplies_by_gamma_at_each_milestone_epoch(warmup):
     assert rates[5 * warmup :] == pytest.approx(expected[5 * warmup :], rel=1e-9)
     if warmup:
         assert rates[0] == pytest.approx(1e-3) and rates[0] < rates[5] < rates[10]
+
+
+def test_linear_decays_straight_to_min_lr_at_the_last_step():
+    """sched=linear: the warmup, then a straight line from the peak to min_lr, reached at the last step."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=4e-3)
+    sched = OmegaConf.create({"name": "linear", "warmup_epochs": 1, "warmup_lr": 1e-6, "min_lr": 0.0})
+    scheduler = build_scheduler(opt, sched, 4e-3, steps_per_epoch=4, epochs=5)  # 4 warmup + 16 decay steps
+    rates = []
+    for _ in range(20):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    rates.append(opt.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(1e-6) and rates[4] == pytest.approx(4e-3)
+    assert rates[4:] == pytest.approx([4e-3 * (1 - k / 16) for k in range(17)], abs=1e-12)

@@ -521,7 +521,7 @@ def test_debug_flag_shows_the_traceback(cifar, tmp_path, monkeypatch, capsys):
         (["trainer.ema.decay=5"], "trainer.ema.decay=5: expected a number in [0, 1) (e.g. 0.9998"),
         (
             ["sched.name=foo"],
-            "sched.name='foo': unknown schedule; choose one of cosine, constant, multistep (e.g. sched=cosine)",
+            "sched.name='foo': unknown schedule; choose one of cosine, linear, constant, multistep (e.g. sched=cosine)",
         ),
         (["optim.name=bar"], "optim.name='bar': unknown optimizer; choose one of adamw, sgd (e.g. optim=adamw)"),
     ],

@@ -55,12 +55,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, sched: DictConfig, lr: float, steps_per_epoch: int, epochs: int
 ) -> LRScheduler:
-    """Linear warmup from `warmup_lr`, then cosine to `min_lr`, constant, or multistep (x gamma at each of the
+    """Linear warmup from `warmup_lr`, then cosine or linear to `min_lr`, constant, or multistep (x gamma at each of the
     milestone epochs, counted from the start of training); stepped once per optimizer step."""
     total = max(1, steps_per_epoch * epochs)
     warmup = min(int(round(sched.warmup_epochs * steps_per_epoch)), total - 1)
     if sched.name == "constant":  # (config.py's SchedConfig choices, checked by validate)
         main = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif sched.name == "linear":  # straight down to min_lr at the last step (decay to zero, for short runs)
+        main = LinearLR(
+            optimizer, start_factor=1.0, end_factor=sched.min_lr / lr if lr > 0 else 1.0, total_iters=total - warmup
+        )
     elif sched.name == "multistep":  # (SequentialLR restarts the count at the warmup's end: milestones shift back)
         steps = sorted(max(1, round(m * steps_per_epoch) - warmup) for m in sched.milestones)
         main = MultiStepLR(optimizer, milestones=steps, gamma=sched.gamma)
