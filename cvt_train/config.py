@@ -85,6 +85,17 @@ class EmaConfig:
     warmup: bool = True
 
 
+@dataclass
+class ResizeConfig:
+    """Progressive resizing (engine/resize.py): the training inputs grow from min_size to data.image_size."""
+
+    min_size: int | None = rule(None, ge=1)  # null: off
+    ramp: list[float] = rule(
+        [0.0, 0.75], length=2, item_ge=0, item_le=1, expected="[start, end] fractions of the epochs, start <= end"
+    )  # min_size until `start` of the epochs, then linear growth, data.image_size from `end` on
+    multiple: int = rule(8, ge=1)  # sizes are rounded to multiples of this (the model's total stride: whole maps)
+
+
 PRECISIONS = ("bf16", "fp16", "fp32", "auto")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
@@ -116,6 +127,7 @@ class TrainerConfig:
     progress: bool = True
     profile: bool = False
     ema: EmaConfig = field(default_factory=EmaConfig)
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
 
 
 @dataclass

@@ -26,13 +26,14 @@ def overrides(cifar, *extra):
     return [*FAST, "data=cifar10", f"data.root={cifar}", "trainer.precision=fp32", *extra]
 
 
-def fixed_clock(monkeypatch, train_rate: float, eval_rate: float = 1000.0, spent: float = 0.0) -> list:
-    """Calibration and start-up time as given (the planning is then deterministic); returns the calls."""
+def fixed_clock(monkeypatch, train_rate: float | dict, eval_rate: float = 1000.0, spent: float = 0.0) -> list:
+    """Calibration and start-up time as given (the planning is then deterministic): train_rate for every input size,
+    or {size: rate}; returns the calls (forwards per evaluated batch, and the sizes timed)."""
     calls = []
 
-    def calibrate(trainer, forwards):
-        calls.append(forwards)
-        return train_rate, eval_rate
+    def calibrate(trainer, forwards, sizes):
+        calls.append(forwards if sizes == [32] else (forwards, sizes))
+        return {s: train_rate[s] if isinstance(train_rate, dict) else train_rate for s in sizes}, eval_rate
 
     monkeypatch.setattr(trainer_module, "calibrate", calibrate)
     monkeypatch.setattr(trainer_module, "process_age_s", lambda: spent)
@@ -73,15 +74,20 @@ def test_budgeted_run_stores_its_plan_and_resumes_exactly(cifar, tmp_path, monke
     assert resumed["epoch"] == 3 and all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
 
 
-def test_calibration_leaves_the_run_unchanged(cifar, tmp_path, caplog):
-    """A real calibration (the model copy's steps, the loader's first batches): the run then equals an unbudgeted
-    run of the planned number of epochs, bit for bit."""
+@pytest.mark.parametrize("resize", [[], ["trainer.resize.min_size=16"]])
+def test_calibration_leaves_the_run_unchanged(cifar, tmp_path, caplog, resize):
+    """A real calibration (the model copy's steps, the loader's first batches, at every input size of
+    trainer.resize): the run then equals an unbudgeted run of the planned number of epochs, bit for bit."""
     with caplog.at_level(logging.INFO, logger="cvt_train"):
-        train(compose_train(overrides(cifar, "trainer.time_budget_min=0.5", "trainer.eval_tta=flip")), tmp_path / "b")
+        train(
+            compose_train(overrides(cifar, "trainer.time_budget_min=0.5", "trainer.eval_tta=flip", *resize)),
+            tmp_path / "b",
+        )
     planned = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     epochs = planned["plan"]["epochs"]
     assert f"{epochs} epochs planned" in caplog.text and planned["plan"]["train_images_per_s"] > 0
-    train(compose_train(overrides(cifar, f"trainer.epochs={epochs}", "trainer.eval_tta=flip")), tmp_path / "e")
+    assert len(planned["plan"]["epoch_times"]) == (epochs if resize else 0)
+    train(compose_train(overrides(cifar, f"trainer.epochs={epochs}", "trainer.eval_tta=flip", *resize)), tmp_path / "e")
     plain = torch.load(tmp_path / "e" / "last.pt", weights_only=True)
     assert all(torch.equal(planned["model"][k], plain["model"][k]) for k in plain["model"])
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())

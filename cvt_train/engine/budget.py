@@ -20,12 +20,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .precision import autocast
+from .resize import resize_batch
 
 log = logging.getLogger("cvt_train")
 
@@ -60,20 +62,22 @@ class Plan:
 
     budget_min: float
     epochs: int
-    train_images_per_s: float  # all ranks together
+    train_images_per_s: float  # all ranks together, at full size
     eval_images_per_s: float  # all ranks together, forwards of the evaluated models included
     spent_s: float  # wall time before the first step (process start-up, data, calibration)
-    epoch_s: float  # predicted training time of one epoch
+    epoch_s: float  # predicted training time of one epoch at full size
     eval_s: float  # predicted time of one evaluation
     eval_every: int = 1
+    epoch_times: list[float] = field(default_factory=list)  # per planned epoch, where they differ (trainer.resize)
 
     def evaluations(self, epochs: int) -> int:
         """Evaluations in `epochs` epochs: every eval_every epochs, and after the last."""
         return epochs // self.eval_every + (1 if epochs % self.eval_every else 0)
 
     def seconds(self, epochs: int) -> float:
-        """Predicted wall time of `epochs` epochs with their evaluations."""
-        return epochs * self.epoch_s + self.evaluations(epochs) * self.eval_s
+        """Predicted wall time of the first `epochs` epochs with their evaluations."""
+        training = sum(self.epoch_times[:epochs]) if self.epoch_times else epochs * self.epoch_s
+        return training + self.evaluations(epochs) * self.eval_s
 
     @property
     def total_s(self) -> float:
@@ -88,24 +92,32 @@ def plan_epochs(
     images_per_epoch: int,
     val_images: int,
     eval_every: int,
+    epoch_costs: Callable[[int], list[float]] | None = None,
 ) -> Plan:
     """The most epochs whose training and evaluations (every eval_every epochs and after the last) fit in what is
-    left of the budget after spent_s, less a MARGIN; at least 1."""
+    left of the budget after spent_s, less a MARGIN; at least 1. epoch_costs(n): the cost of each epoch of an n-epoch
+    run relative to a full-size one, where they differ (trainer.resize: smaller inputs early)."""
     epoch_s = images_per_epoch / train_images_per_s
     eval_s = val_images / eval_images_per_s if val_images else 0.0
     plan = Plan(budget_min, 1, train_images_per_s, eval_images_per_s, spent_s, epoch_s, eval_s, eval_every)
     left = budget_min * 60 * (1 - MARGIN) - spent_s
-    epochs = max(1, math.floor(left / (epoch_s + eval_s / eval_every)))
-    while epochs > 1 and plan.seconds(epochs) > left:
-        epochs -= 1  # the last epoch's evaluation comes on top when eval_every does not divide the epochs
+    cheapest = min(epoch_costs(1000)) if epoch_costs else 1.0
+    epochs = max(1, math.floor(left / (cheapest * epoch_s + eval_s / eval_every)))
+    while True:  # from an upper bound down (the last epoch's evaluation comes on top when eval_every does not
+        if epoch_costs:  # divide the epochs; with sizes that grow, fewer epochs have fewer cheap ones)
+            plan.epoch_times = [c * epoch_s for c in epoch_costs(epochs)]
+        if epochs == 1 or plan.seconds(epochs) <= left:
+            break
+        epochs -= 1
     plan.epochs = epochs
     return plan
 
 
-def calibrate(trainer, eval_forwards: int) -> tuple[float, float]:
-    """(training images/s, evaluation images/s) of this rank, timed on a copy of the model with its own optimizer
-    over the run's first batches, and over a few validation batches with `eval_forwards` forwards per batch (the
-    model, its flip, the EMA). Nothing of the run changes: the copy is thrown away, the generator restored."""
+def calibrate(trainer, eval_forwards: int, sizes: list[int]) -> tuple[dict[int, float], float]:
+    """({input size: training images/s}, evaluation images/s) of this rank, timed on a copy of the model with its
+    own optimizer over the run's first batches (resized to each of `sizes`), and over a few validation batches with
+    `eval_forwards` forwards per batch (the model, its flip, the EMA). Nothing of the run changes: the copy is thrown
+    away, the generator restored."""
     from .optim import build_optimizer
 
     cfg, device = trainer.cfg, trainer.dist.device
@@ -113,25 +125,27 @@ def calibrate(trainer, eval_forwards: int) -> tuple[float, float]:
     optimizer = build_optimizer(model, cfg.optim, 1e-12)  # a step's cost does not depend on the rate
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
     rng = torch.get_rng_state()
-    seen, start = 0, time.perf_counter()  # (an epoch shorter than the warm-up is timed whole)
-    batches = trainer.data.train_batches(0)
-    try:
-        for i, (images, targets) in enumerate(batches):
-            if i == CALIBRATION_WARMUP:
-                _sync(device)
-                seen, start = 0, time.perf_counter()
-            with autocast(device, trainer.amp_dtype):
-                loss = loss_fn(model(images).float(), targets)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seen += images.shape[0]
-            if i + 1 == CALIBRATION_WARMUP + CALIBRATION_STEPS:
-                break
-    finally:
-        batches.close()
-    _sync(device)
-    train_rate = seen / max(time.perf_counter() - start, 1e-9)
+    train_rates = {}
+    for size in sizes:
+        seen, start = 0, time.perf_counter()  # (an epoch shorter than the warm-up is timed whole)
+        batches = trainer.data.train_batches(0)
+        try:
+            for i, (images, targets) in enumerate(batches):
+                if i == CALIBRATION_WARMUP:
+                    _sync(device)
+                    seen, start = 0, time.perf_counter()
+                with autocast(device, trainer.amp_dtype):
+                    loss = loss_fn(model(resize_batch(images, size)).float(), targets)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                seen += images.shape[0]
+                if i + 1 == CALIBRATION_WARMUP + CALIBRATION_STEPS:
+                    break
+        finally:
+            batches.close()
+        _sync(device)
+        train_rates[size] = seen / max(time.perf_counter() - start, 1e-9)
     model.eval()
     seen, start = 0, None
     with torch.no_grad():
@@ -150,10 +164,11 @@ def calibrate(trainer, eval_forwards: int) -> tuple[float, float]:
         finally:
             val.close()
     _sync(device)
-    eval_rate = seen / (time.perf_counter() - start) if start is not None and seen else train_rate * 3
+    full_rate = train_rates[max(sizes)]
+    eval_rate = seen / (time.perf_counter() - start) if start is not None and seen else full_rate * 3
     torch.set_rng_state(rng)
     del model, optimizer
-    return train_rate, eval_rate
+    return train_rates, eval_rate
 
 
 def _sync(device: torch.device) -> None:
@@ -167,4 +182,10 @@ def describe(plan: Plan) -> str:
         f"img/s -> {plan.epoch_s:.1f} s per epoch, evaluation {plan.eval_s:.1f} s x "
         f"{plan.evaluations(plan.epochs)}, {plan.spent_s:.0f} s spent before the first step; predicted "
         f"end at {plan.total_s / 60:.1f} min)"
+        + (f"; epochs of smaller inputs take {_shares(plan)}" if plan.epoch_times else "")
     )
+
+
+def _shares(plan: Plan) -> str:
+    """'0.41x, 0.63x' of a full-size epoch: the distinct costs of the planned epochs, cheapest first."""
+    return ", ".join(f"{t / plan.epoch_s:.2f}x" for t in sorted(set(plan.epoch_times)) if t < plan.epoch_s)

@@ -10,6 +10,7 @@ from ..config import check_group
 from ..data.transforms import aug_config
 from ..errors import UserError
 from ..models import model_config, stage_map_sizes
+from . import resize
 from .distributed import resolve_device
 
 
@@ -30,6 +31,7 @@ def validate(cfg: DictConfig) -> None:
             f"of data={cfg.data.name}; drop the model.num_classes override"
         )
     stage_map_sizes(mc, (cfg.data.image_size, cfg.data.image_size))
+    resize.check(cfg.trainer.resize, mc, cfg.data.image_size)
     resume, init_from = cfg.trainer.resume, cfg.trainer.init_from
     if init_from is not None and not Path(str(init_from)).exists():
         raise UserError(

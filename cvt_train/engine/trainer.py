@@ -52,6 +52,8 @@ from .meters import EpochClock, StepMeters
 from .optim import build_optimizer, build_scheduler, learning_rate, load_optimizer_state
 from .precision import autocast, autocast_dtype, set_gpu_defaults
 from .profile import StepProfiler
+from .resize import all_sizes, input_sizes, resize_batch
+from .resize import describe as describe_sizes
 from .signals import StopRequest  # (also reached as cvt_train.engine.trainer.StopRequest)
 
 log = logging.getLogger("cvt_train")
@@ -124,6 +126,7 @@ class Trainer:
         self.ema = WeightEma(model, tcfg.ema.decay, tcfg.ema.warmup, dist.device) if tcfg.ema.enabled else None
         self.plan = self._plan(ckpt)  # trainer.time_budget_min: the epochs, from a timed calibration
         self.epochs = self.plan.epochs if self.plan is not None else tcfg.epochs
+        self.input_sizes = input_sizes(self.epochs, tcfg.resize, cfg.data.image_size)  # trainer.resize (resize.py)
         global_batch = cfg.data.batch_size * dist.world_size * tcfg.accum_steps
         lr = learning_rate(cfg.optim, global_batch)
         self.optimizer = build_optimizer(model, cfg.optim, lr)
@@ -196,16 +199,20 @@ class Trainer:
                 )
             return plan
         forwards = (2 if tcfg.eval_tta == "flip" else 1) * (2 if self.ema is not None else 1)
-        train_rate, eval_rate = calibrate(self, forwards)
+        full, rc = self.cfg.data.image_size, tcfg.resize
+        train_rates, eval_rate = calibrate(self, forwards, all_sizes(rc, full))
         ws, data = dist.world_size, self.data
         plan = plan_epochs(
             tcfg.time_budget_min,
             process_age_s(),
-            train_rate * ws,
+            train_rates[full] * ws,
             eval_rate * ws,
             self.steps_per_epoch * data.batch_size * ws,
             data.num_val,
             tcfg.eval_every,
+            (lambda n: [train_rates[full] / train_rates[s] for s in input_sizes(n, rc, full)])
+            if rc.min_size is not None
+            else None,
         )
         plan = broadcast_object(plan)
         if dist.is_main:
@@ -339,6 +346,8 @@ class Trainer:
     def fit(self) -> float:
         """Train to trainer.epochs (or until a stop signal); returns the best validation top-1 (percent)."""
         tcfg, dist, p = self.cfg.trainer, self.dist, self.progress
+        if tcfg.resize.min_size is not None and dist.is_main:
+            log.info("progressive resizing: %s", describe_sizes(self.input_sizes))
         try:
             with StopRequest() as stop, self.profiler or contextlib.nullcontext():
                 for epoch in range(p.epoch, self.epochs):
@@ -351,6 +360,7 @@ class Trainer:
                         show=dist.is_main and tcfg.progress,
                     )
                     for step, (images, targets) in clock.batches(self.data.train_batches(epoch, first)):
+                        images = resize_batch(images, self.input_sizes[epoch])
                         if not self.train_step(images, targets, epoch, step):
                             continue  # inside an accumulation window
                         clock.bar.update(tcfg.accum_steps)
