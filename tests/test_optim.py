@@ -93,11 +93,7 @@ def test_multistep_multiplies_by_gamma_at_each_milestone_epoch(warmup):
         }
     )
     scheduler = build_scheduler(opt, sched, 0.1, steps_per_epoch=5, epochs=10)
-    rates = []
-    for _ in range(50):
-        rates.append(opt.param_groups[0]["lr"])
-        opt.step()
-        scheduler.step()
+    rates = rates_over(opt, scheduler, 49)
     expected = [0.1 * 0.2 ** sum(step >= 5 * m for m in (3, 6, 8)) for step in range(50)]
     assert rates[5 * warmup :] == pytest.approx(expected[5 * warmup :], rel=1e-9)
     if warmup:
@@ -110,11 +106,16 @@ def test_linear_decays_straight_to_min_lr_at_the_last_step():
     opt = torch.optim.AdamW([p], lr=4e-3)
     sched = OmegaConf.create({"name": "linear", "warmup_epochs": 1, "warmup_lr": 1e-6, "min_lr": 0.0})
     scheduler = build_scheduler(opt, sched, 4e-3, steps_per_epoch=4, epochs=5)  # 4 warmup + 16 decay steps
-    rates = []
-    for _ in range(20):
-        rates.append(opt.param_groups[0]["lr"])
-        opt.step()
-        scheduler.step()
-    rates.append(opt.param_groups[0]["lr"])
+    rates = rates_over(opt, scheduler, 20)
     assert rates[0] == pytest.approx(1e-6) and rates[4] == pytest.approx(4e-3)
     assert rates[4:] == pytest.approx([4e-3 * (1 - k / 16) for k in range(17)], abs=1e-12)
+
+
+def rates_over(opt: torch.optim.Optimizer, scheduler, steps: int) -> list[float]:
+    """The learning rate before each of `steps` optimizer steps and after the last (steps + 1 values)."""
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(steps):
+        opt.step()
+        scheduler.step()
+        rates.append(opt.param_groups[0]["lr"])
+    return rates
