@@ -11,6 +11,7 @@ from conftest import tiny_model
 from omegaconf import OmegaConf
 
 from cvt_train.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
+from cvt_train.errors import UserError
 
 
 def adamw(fused: bool):
@@ -109,6 +110,16 @@ def test_linear_decays_straight_to_min_lr_at_the_last_step():
     rates = rates_over(opt, scheduler, 20)
     assert rates[0] == pytest.approx(1e-6) and rates[4] == pytest.approx(4e-3)
     assert rates[4:] == pytest.approx([4e-3 * (1 - k / 16) for k in range(17)], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_a_decay_ending_above_its_peak_is_refused_in_one_line(name):
+    """The rate derived from base_lr is known only here (validate sees optim.lr alone): min_lr above it is a typo."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    sched = OmegaConf.create({"name": name, "warmup_epochs": 0, "warmup_lr": 1e-6, "min_lr": 2e-3})
+    with pytest.raises(UserError, match=r"^sched.min_lr=0.002 is above the peak rate 0.001 .*lower sched.min_lr"):
+        build_scheduler(opt, sched, 1e-3, steps_per_epoch=4, epochs=5)
+    build_scheduler(opt, OmegaConf.merge(sched, {"min_lr": 1e-3}), 1e-3, steps_per_epoch=4, epochs=5)  # equal: fine
 
 
 def rates_over(opt: torch.optim.Optimizer, scheduler, steps: int) -> list[float]:

@@ -516,6 +516,7 @@ def test_debug_flag_shows_the_traceback(cifar, tmp_path, monkeypatch, capsys):
         (["optim.betas=[0.9]"], "optim.betas=[0.9]: expected two numbers in [0, 1)"),
         (["optim=sgd", "optim.momentum=abc"], "optim.momentum='abc': expected a number >= 0"),
         (["optim=sgd", "optim.momentum=0"], "optim.nesterov=true needs optim.momentum > 0"),
+        (["optim.lr=1e-3", "sched=linear", "sched.min_lr=0.01"], "sched.min_lr=0.01 is above the peak rate 0.001"),
         (["trainer.profile=maybe"], "trainer.profile='maybe': expected true or false"),
         (["data.skip_corrupt=maybe"], "data.skip_corrupt='maybe': expected true or false"),
         (["trainer.ema.decay=5"], "trainer.ema.decay=5: expected a number in [0, 1) (e.g. 0.9998"),

@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..models import model_config, stage_map_sizes
 from . import resize
 from .distributed import resolve_device
+from .optim import check_min_lr
 
 
 def validate(cfg: DictConfig) -> None:
@@ -23,6 +24,8 @@ def validate(cfg: DictConfig) -> None:
     aug_config(cfg.aug)  # its schema's rules and those across its keys
     if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise UserError("optim.nesterov=true needs optim.momentum > 0; set optim.momentum=0.9 or optim.nesterov=false")
+    if cfg.optim.lr is not None:  # (a derived rate needs the world size: build_scheduler checks that one)
+        check_min_lr(cfg.sched, cfg.optim.lr)
     resolve_device(cfg.trainer.device)  # a device name only; nothing is allocated
     mc = model_config(cfg.model)  # heads dividing widths, map sizes: models/presets.py's validate
     if mc.num_classes != cfg.data.num_classes:

@@ -14,6 +14,8 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
+from ..errors import UserError
+
 
 def learning_rate(optim: DictConfig, global_batch: int) -> float:
     """`optim.lr` if given, else `base_lr` scaled linearly by the global batch (DeiT's rule)."""
@@ -52,11 +54,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
                 s[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+def check_min_lr(sched: DictConfig, lr: float) -> None:
+    """A decay that would end above its peak is a typo (torch's own error names neither key)."""
+    if sched.name in ("linear", "cosine") and sched.min_lr > lr:
+        raise UserError(
+            f"sched.min_lr={sched.min_lr:g} is above the peak rate {lr:g} (optim.lr, or optim.base_lr scaled by the "
+            f"global batch); the {sched.name} decay goes down to min_lr: lower sched.min_lr or raise optim.lr"
+        )
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, sched: DictConfig, lr: float, steps_per_epoch: int, epochs: int
 ) -> LRScheduler:
     """Linear warmup from `warmup_lr`, then cosine or linear to `min_lr`, constant, or multistep (x gamma at each of the
     milestone epochs, counted from the start of training); stepped once per optimizer step."""
+    check_min_lr(sched, lr)
     total = max(1, steps_per_epoch * epochs)
     warmup = min(int(round(sched.warmup_epochs * steps_per_epoch)), total - 1)
     if sched.name == "constant":  # (config.py's SchedConfig choices, checked by validate)
