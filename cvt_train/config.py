@@ -119,6 +119,7 @@ class TrainerConfig:
     eval_every: int = rule(1, ge=1)
     eval_tta: str | None = rule(None, choices=(None, "flip"), what="test-time augmentation")  # also tta_top1
     time_budget_min: float | None = rule(None, gt=0)  # plan the epochs to end within N minutes (engine/budget.py)
+    time_budget_replan: bool = True  # re-plan the remaining epochs after each one from their measured time
     resume: str | None = None
     init_from: str | None = None
     max_nonfinite: int = rule(5, ge=1)

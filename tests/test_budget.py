@@ -1,10 +1,13 @@
 """trainer.time_budget_min: the plan's arithmetic, a budgeted run that stores its plan and resumes exactly, the
-calibration leaving the run unchanged, and the guard that stops a run whose machine slowed down badly."""
+calibration leaving the run unchanged, re-planning from the run's own epochs, and the guard that stops a run whose
+machine slowed down badly."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from fakedata import write_cifar10_python
 from test_train import FAST, _stop_at
 
 from cvt_train.engine import trainer as trainer_module
-from cvt_train.engine.budget import MARGIN, plan_epochs
+from cvt_train.engine.budget import END_MARGIN, GUARD_STOP, MARGIN, REPLAN_GROW, REPLAN_SLACK, Plan, plan_epochs, replan
 from cvt_train.engine.trainer import Trainer, train
 
 
@@ -24,6 +27,9 @@ def cifar(tmp_path_factory):
 
 def overrides(cifar, *extra):
     return [*FAST, "data=cifar10", f"data.root={cifar}", "trainer.precision=fp32", *extra]
+
+
+KEEP_PLAN = "trainer.time_budget_replan=false"  # the first plan only: the run then does not depend on the clock
 
 
 def fixed_clock(monkeypatch, train_rate: float | dict, eval_rate: float = 1000.0, spent: float = 0.0) -> list:
@@ -51,7 +57,7 @@ def test_plan_arithmetic():
 
 def test_budgeted_run_stores_its_plan_and_resumes_exactly(cifar, tmp_path, monkeypatch, caplog):
     # 1 min: 58.2 s left; 500 images at 30 img/s = 16.7 s per epoch, 0.2 s per evaluation -> 3 epochs
-    args = overrides(cifar, "trainer.time_budget_min=1", "trainer.epochs=50")
+    args = overrides(cifar, "trainer.time_budget_min=1", "trainer.epochs=50", KEEP_PLAN)
     with monkeypatch.context() as m:
         calls = fixed_clock(m, 30.0)
         with caplog.at_level(logging.INFO, logger="cvt_train"):
@@ -80,7 +86,7 @@ def test_calibration_leaves_the_run_unchanged(cifar, tmp_path, caplog, resize):
     trainer.resize): the run then equals an unbudgeted run of the planned number of epochs, bit for bit."""
     with caplog.at_level(logging.INFO, logger="cvt_train"):
         train(
-            compose_train(overrides(cifar, "trainer.time_budget_min=0.5", "trainer.eval_tta=flip", *resize)),
+            compose_train(overrides(cifar, "trainer.time_budget_min=0.5", "trainer.eval_tta=flip", KEEP_PLAN, *resize)),
             tmp_path / "b",
         )
     planned = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
@@ -94,13 +100,16 @@ def test_calibration_leaves_the_run_unchanged(cifar, tmp_path, caplog, resize):
     assert "tta_top1" in metrics and "tta_top1" in json.loads((tmp_path / "e" / "metrics.json").read_text())
 
 
-def test_guard_stops_a_run_that_falls_far_behind_its_plan(cifar, tmp_path, monkeypatch, caplog):
-    # calibrated at a rate no CPU reaches: the first epoch takes far longer than planned
+@pytest.mark.parametrize("replan,budget", [("false", 0.05), ("true", 0.0005)])
+def test_guard_stops_a_run_that_falls_far_behind_its_plan(cifar, tmp_path, monkeypatch, caplog, replan, budget):
+    # calibrated at a rate no CPU reaches: the first epoch takes far longer than planned (re-planning: so long that
+    # even one more epoch ends past the budget)
     with monkeypatch.context() as m:
         fixed_clock(m, 1e6, 1e7)
         with caplog.at_level(logging.INFO, logger="cvt_train"):
-            trainer = Trainer(compose_train(overrides(cifar, "trainer.time_budget_min=0.05")), tmp_path)
-            assert trainer.epochs > 100
+            args = overrides(cifar, f"trainer.time_budget_min={budget}", f"trainer.time_budget_replan={replan}")
+            trainer = Trainer(compose_train(args), tmp_path)
+            assert trainer.epochs > 10
             trainer.fit()
     assert "stopping after epoch 1 of the planned" in caplog.text
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
@@ -118,3 +127,86 @@ def test_epochs_shorter_than_the_calibration_warmup(cifar, tmp_path):
     """2 steps per epoch (fewer than the calibration's warm-up): timed whole, and the plan is made."""
     trainer = Trainer(compose_train(overrides(cifar, "trainer.time_budget_min=0.2", "data.train_subset=100")), tmp_path)
     assert trainer.steps_per_epoch == 2 and trainer.epochs >= 1 and trainer.plan.train_images_per_s > 0
+
+
+def test_replan_arithmetic():
+    # calibrated: 10 s per full-size epoch, 5 s at 16 px, 1 s per evaluation (every epoch); 10 minutes, 0 s spent
+    plan = Plan(10, 40, 600.0, 1000.0, 0.0, 10.0, 1.0, size_costs={16: 0.5, 32: 1.0})
+    full = lambda n: [32] * n  # noqa: E731
+
+    # two epochs of 20 s, one evaluation of 2 s (epoch 2's is still to come): an n-epoch plan has n - 2 epochs of
+    # 20 s and n - 1 evaluations of 2 s to go, padded by REPLAN_SLACK
+    def remaining(n, overhead=1.0):
+        return ((n - 2) * 20 + (n - 1) * 2) * overhead * (1 + REPLAN_SLACK)
+
+    left = 600 * (1 - END_MARGIN) - 44
+    epochs, pace, end = replan(plan, 2, 44.0, {32: [20.0, 20.0]}, [2.0], 1.0, full)
+    assert (
+        pace == 2.0
+        and remaining(epochs) <= left < remaining(epochs + 1)
+        and end == pytest.approx(44 + remaining(epochs))
+    )
+    # a plan that still fits is kept unless REPLAN_GROW more epochs fit
+    times = (2, 44.0, {32: [20.0, 20.0]}, [2.0], 1.0, full)
+    assert replan(replace(plan, epochs=epochs - 1), *times)[0] == epochs - 1
+    assert replan(replace(plan, epochs=epochs - REPLAN_GROW), *times)[0] == epochs
+    # a size not yet run is predicted from the calibration times the pace of the sizes that did run (2x here)
+    half = lambda n: [16] * 2 + [32] * (n - 2)  # noqa: E731
+    assert replan(plan, 2, 44.0, {16: [10.0, 10.0]}, [2.0], 1.0, half)[0] == epochs
+    # overhead (checkpoint writes, logging) scales the prediction; far behind: one more epoch, never fewer
+    slow = replan(plan, 2, 44.0, {32: [20.0, 20.0]}, [2.0], 2.0, full)[0]
+    assert remaining(slow, 2.0) <= left < remaining(slow + 1, 2.0) and slow < epochs
+    assert replan(plan, 2, 700.0, {32: [20.0, 20.0]}, [2.0], 1.0, full)[0] == 3
+
+
+def test_replanning_fills_the_budget_and_decays_to_the_end(cifar, tmp_path, monkeypatch, caplog):
+    """Calibrated far too slow (2 epochs planned for 6 s): the run re-plans after its first epochs, ends within the
+    budget, the rate reaches min_lr at its last step, and the input sizes stay in order."""
+    args = overrides(
+        cifar, "trainer.time_budget_min=0.1", "sched=linear", "sched.min_lr=0", "trainer.resize.min_size=16"
+    )
+    with monkeypatch.context() as m:
+        fixed_clock(m, 200.0)  # 2.5 s per epoch
+        with caplog.at_level(logging.INFO, logger="cvt_train"):
+            trainer = Trainer(compose_train(args), tmp_path)
+            assert trainer.epochs == 2
+            trainer.fit()
+    plan = trainer.plan
+    assert plan.replans and plan.replans[0][0] == 1 and "epochs planned instead of 2" in caplog.text
+    assert trainer.progress.epoch == trainer.epochs == plan.epochs == plan.replans[-1][1] > 2
+    assert time.perf_counter() - trainer.wall_start <= 6.0 * GUARD_STOP  # (an epoch can run slow on a busy CI)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0, 0.0]
+    sizes = plan.sizes
+    assert len(sizes) == plan.epochs and sizes == sorted(sizes) and sizes[-1] == 32
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["plan"]
+    assert saved["epochs"] == plan.epochs and saved["replans"] == plan.replans and saved["sizes"] == sizes
+
+    # a resumed run keeps the plan as it stood at the checkpoint (sizes and rate schedule included)
+    with monkeypatch.context() as m:
+        calls = fixed_clock(m, 1e9)
+        resumed = Trainer(compose_train([*args, f"trainer.resume={tmp_path / 'last.pt'}"]), tmp_path / "r")
+    assert calls == [] and resumed.epochs == plan.epochs and resumed.input_sizes == sizes
+    assert resumed.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
+
+
+def test_rebuilt_schedule_equals_one_built_for_the_new_total(cifar, tmp_path, monkeypatch):
+    """Re-planning mid-run brings a scheduler built for the new total to this step: the same rates from there on as
+    a run planned with that total from the start."""
+    args = overrides(cifar, "trainer.time_budget_min=1", "sched=linear", "sched.warmup_epochs=1", KEEP_PLAN)
+    with monkeypatch.context() as m:
+        fixed_clock(m, 30.0)
+        trainer = Trainer(compose_train(args), tmp_path / "a")
+        other = Trainer(compose_train([*args[:-1], "trainer.time_budget_min=2"]), tmp_path / "b")  # more epochs
+    for _ in range(13):  # mid-epoch 2, past the warm-up
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        other.optimizer.step()
+        other.scheduler.step()
+    trainer.progress.global_step, trainer.progress.epoch = 13, 1
+    trainer._set_epochs(other.epochs, 1.0, 0.0)
+    for _ in range(7):
+        assert trainer.scheduler.get_last_lr() == pytest.approx(other.scheduler.get_last_lr(), rel=1e-12)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        other.optimizer.step()
+        other.scheduler.step()

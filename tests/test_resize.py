@@ -81,7 +81,13 @@ def test_budgeted_resized_run_plans_per_size_and_resumes_exactly(cifar, tmp_path
     # 10 min less the margin: 558 s. An epoch of 500 images takes 167 s at 32 (3 img/s) and 42 s at 16 (12 img/s);
     # evaluations of 200 images 0.2 s. 5 epochs [16, 16, 16, 32, 32] take 459 s, 6 take 626 s. (Slow rates: the
     # real epochs, far faster, never trip the guard.)
-    args = overrides(cifar, "trainer.time_budget_min=10", "trainer.resize.min_size=16", "trainer.resize.ramp=[0.5,0.5]")
+    args = overrides(
+        cifar,
+        "trainer.time_budget_min=10",
+        "trainer.time_budget_replan=false",  # (the real epochs, far faster, would otherwise fill the 10 minutes)
+        "trainer.resize.min_size=16",
+        "trainer.resize.ramp=[0.5,0.5]",
+    )
     with monkeypatch.context() as m:
         calls = fixed_clock(m, {16: 12.0, 32: 3.0})
         with caplog.at_level(logging.INFO, logger="cvt_train"):

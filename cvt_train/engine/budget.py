@@ -8,9 +8,17 @@ the number of epochs, and with it the whole learning-rate schedule, before the f
 and stored in every checkpoint, so a resumed run keeps it and ends exactly where the uninterrupted run would have.
 The copy's steps change nothing of the run itself: the same seed gives the same run whatever the plan measured.
 
-The clock after that is only a guard: after each epoch the projected end is compared with the budget; a projected
-overrun is a warning, and one beyond GUARD_STOP of the budget (the machine slowed down badly) stops the run at that
-epoch boundary with last.pt written, said in the log.
+After each epoch the plan is made again (`trainer.time_budget_replan`, on by default) from what the run's own epochs
+and evaluations took: the calibration can be 20% off on a busy or throttling machine (measured on a 2-core CPU), and
+a plan kept to would end minutes early or late. The remaining epochs grow or shrink to fill the budget, and the
+learning-rate schedule and the input sizes of the epochs to come follow the new total (the rate moves by a few
+percent at a change, never back up to its warm-up). Each change is logged and stored in the plan; a resumed run
+keeps the plan as it stood and goes on re-planning from its own clock, so with re-planning on it is no longer equal
+bit for bit to the uninterrupted run (`trainer.time_budget_replan=false` keeps the first plan, exactly resumable).
+
+The clock is also a guard: a projected overrun that re-planning cannot absorb is a warning, and one beyond
+GUARD_STOP of the budget (the machine slowed down badly) stops the run at that epoch boundary with last.pt written,
+said in the log.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import copy
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +48,12 @@ EVAL_CALIBRATION_BATCHES = 3
 # CPU the epochs of one run ran at 0.83-1.12x the calibrated rate, and a 28-min plan then took 30 minutes.
 MARGIN = 0.07
 GUARD_STOP = 1.10  # projected end beyond 110% of the budget: stop at the epoch boundary
+# Re-planning predicts from the run's own epochs, so it needs less margin than the first plan: the remaining time is
+# padded by REPLAN_SLACK (epochs drift by a few percent), and END_MARGIN of the budget is kept for the last writes.
+REPLAN_SLACK, END_MARGIN = 0.05, 0.02
+# A plan that still fits grows only by this many epochs or more: the prediction moves by about an epoch from one
+# epoch to the next, and a 28-min CPU run re-planned 15 times by +-1 (the rate moved each time)
+REPLAN_GROW = 2
 
 
 def process_age_s() -> float:
@@ -69,6 +84,9 @@ class Plan:
     eval_s: float  # predicted time of one evaluation
     eval_every: int = 1
     epoch_times: list[float] = field(default_factory=list)  # per planned epoch, where they differ (trainer.resize)
+    size_costs: dict[int, float] = field(default_factory=dict)  # {input size: epoch cost relative to full size}
+    sizes: list[int] = field(default_factory=list)  # the input size of every planned epoch (trainer.resize)
+    replans: list[list[int]] = field(default_factory=list)  # [after epoch, new epochs] at each change of the plan
 
     def evaluations(self, epochs: int) -> int:
         """Evaluations in `epochs` epochs: every eval_every epochs, and after the last."""
@@ -111,6 +129,44 @@ def plan_epochs(
         epochs -= 1
     plan.epochs = epochs
     return plan
+
+
+def replan(
+    plan: Plan,
+    done: int,
+    elapsed_s: float,
+    epoch_s: dict[int, list[float]],
+    eval_s: list[float],
+    overhead: float,
+    sizes_for: Callable[[int], list[int]],
+) -> tuple[int, float, float]:
+    """The most epochs, at least done + 1, that end within the budget (less END_MARGIN) at the pace of the run's own
+    epochs; the plan's own epochs while they fit and fewer than REPLAN_GROW more would.
+    done: epochs run so far; elapsed_s: wall time since the first step; epoch_s: {input size: seconds of each whole
+    epoch at that size} and eval_s: seconds of each evaluation, both measured in this process (their medians
+    predict the epochs and evaluations to come); overhead: elapsed wall time over measured epoch and evaluation
+    time (checkpoint writes, logging); sizes_for(n): the input size of every epoch of an n-epoch run. A size not yet
+    run is predicted from the calibration, scaled by how far off the calibration was for the sizes that did run.
+    Returns (epochs, the pace: measured over calibrated epoch time, the predicted end in seconds of the budget)."""
+    # medians: the first epoch and evaluation carry torch.compile's compilation (a minute on a GPU), already paid
+    paces = [t / (plan.size_costs.get(s, 1.0) * plan.epoch_s) for s, ts in epoch_s.items() for t in ts]
+    pace = statistics.median(paces) if paces and plan.epoch_s > 0 else 1.0
+    per_size = {s: statistics.median(t) for s, t in epoch_s.items() if t}
+    per_eval = statistics.median(eval_s) if eval_s else plan.eval_s * pace
+    evals_run = (done - 1) // plan.eval_every  # this boundary's own evaluation, if it has one, is still to come
+    left = plan.budget_min * 60 * (1 - END_MARGIN) - plan.spent_s - elapsed_s
+
+    def remaining_s(epochs: int) -> float:
+        sizes = sizes_for(epochs)[done:]
+        train = sum(per_size.get(s, plan.size_costs.get(s, 1.0) * plan.epoch_s * pace) for s in sizes)
+        return (train + (plan.evaluations(epochs) - evals_run) * per_eval) * overhead * (1 + REPLAN_SLACK)
+
+    epochs = done + 1
+    while epochs < 100 * (plan.epochs + 1) and remaining_s(epochs + 1) <= left:
+        epochs += 1
+    if plan.epochs <= epochs < plan.epochs + REPLAN_GROW:  # the plan still fits: keep it rather than flap by one
+        epochs = plan.epochs
+    return epochs, pace, plan.spent_s + elapsed_s + remaining_s(epochs)
 
 
 def calibrate(trainer, eval_forwards: int, sizes: list[int]) -> tuple[dict[int, float], float]:

@@ -33,7 +33,7 @@ from ..models import CvT, model_config, num_params
 from ..models.convert import extract_state_dict, head_classes, load_checkpoint, read_file
 from . import distributed
 from .allocation import set_threads
-from .budget import GUARD_STOP, Plan, calibrate, describe, plan_epochs, process_age_s
+from .budget import GUARD_STOP, Plan, calibrate, describe, plan_epochs, process_age_s, replan
 from .checkpoint import (
     FORMAT_VERSION,
     fault_point,
@@ -126,9 +126,12 @@ class Trainer:
         self.ema = WeightEma(model, tcfg.ema.decay, tcfg.ema.warmup, dist.device) if tcfg.ema.enabled else None
         self.plan = self._plan(ckpt)  # trainer.time_budget_min: the epochs, from a timed calibration
         self.epochs = self.plan.epochs if self.plan is not None else tcfg.epochs
-        self.input_sizes = input_sizes(self.epochs, tcfg.resize, cfg.data.image_size)  # trainer.resize (resize.py)
+        # trainer.resize (resize.py); a budgeted run keeps the sizes of its plan (re-planning moves them)
+        self.input_sizes = (self.plan.sizes if self.plan is not None and self.plan.sizes else None) or input_sizes(
+            self.epochs, tcfg.resize, cfg.data.image_size
+        )
         global_batch = cfg.data.batch_size * dist.world_size * tcfg.accum_steps
-        lr = learning_rate(cfg.optim, global_batch)
+        self.lr = lr = learning_rate(cfg.optim, global_batch)
         self.optimizer = build_optimizer(model, cfg.optim, lr)
         self.scheduler = build_scheduler(
             self.optimizer, cfg.sched, lr, self.steps_per_epoch // tcfg.accum_steps, self.epochs
@@ -151,6 +154,11 @@ class Trainer:
         self.data_wait = 0.0  # fraction of the last epoch spent waiting for the data loader
         self.stop_signal: int | None = None  # the signal that stopped the run early, if one did
         self._warned_budget = False
+        # trainer.time_budget_replan: what this process's whole epochs ({input size: seconds}) and evaluations took,
+        # and when the first of them started
+        self.epoch_seconds: dict[int, list[float]] = {}
+        self.eval_seconds: list[float] = []
+        self.paced_since: float | None = None
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
         image = (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
         self.run_info = {"params": num_params(model), "gmacs": count_macs(model, image) / 1e9}
@@ -214,21 +222,35 @@ class Trainer:
             if rc.min_size is not None
             else None,
         )
+        plan.size_costs = {s: train_rates[full] / rate for s, rate in train_rates.items()}
+        plan.sizes = input_sizes(plan.epochs, rc, full)
         plan = broadcast_object(plan)
         if dist.is_main:
             log.info("%s", describe(plan))
         return plan
 
-    def _over_budget(self) -> bool:
-        """After an epoch of a budgeted run: warn when the run is projected to end past its budget, and say to stop
-        (at this epoch boundary) when past GUARD_STOP of it. The projection scales the plan's remaining time by how
-        much slower than calibrated the epochs so far ran."""
-        plan, p = self.plan, self.progress
+    def _keep_to_budget(self) -> bool:
+        """After an epoch of a budgeted run: re-plan the remaining epochs (trainer.time_budget_replan), warn when the
+        run is projected to end past its budget anyway, and say to stop (at this epoch boundary) when past
+        GUARD_STOP of it. Without re-planning the projection scales the plan's remaining time by how much slower
+        than calibrated the epochs so far ran."""
+        plan, p, tcfg = self.plan, self.progress, self.cfg.trainer
         if plan is None or p.epoch >= self.epochs:
             return False
-        elapsed = plan.spent_s + time.perf_counter() - self.wall_start
-        slower = (elapsed - plan.spent_s) / max(plan.seconds(p.epoch), 1e-9)
-        projected, budget = plan.spent_s + slower * plan.seconds(self.epochs), plan.budget_min * 60
+        elapsed = time.perf_counter() - self.wall_start
+        if tcfg.time_budget_replan and self.epoch_seconds:
+            measured = sum(map(sum, self.epoch_seconds.values())) + sum(self.eval_seconds)
+            overhead = max(1.0, (time.perf_counter() - self.paced_since) / measured)
+            epochs, slower, projected = replan(
+                plan, p.epoch, elapsed, self.epoch_seconds, self.eval_seconds, overhead, self._sizes_for
+            )
+            epochs, slower, projected = broadcast_object((epochs, slower, projected))  # rank 0's clock decides
+            if epochs != self.epochs:
+                self._set_epochs(epochs, slower, projected)
+        else:
+            slower = elapsed / max(plan.seconds(p.epoch), 1e-9)
+            projected = plan.spent_s + slower * plan.seconds(self.epochs)
+        budget = plan.budget_min * 60
         stop = broadcast_object(projected > GUARD_STOP * budget)  # rank 0's clock decides for every rank
         if projected > budget and self.dist.is_main and (stop or not self._warned_budget):
             self._warned_budget = True
@@ -240,6 +262,42 @@ class Trainer:
                 f": stopping after epoch {p.epoch} of the planned {self.epochs} (last.pt written)" if stop else "",
             )
         return stop
+
+    def _sizes_for(self, epochs: int) -> list[int]:
+        """The input sizes of a run re-planned to `epochs`: those run so far, then the schedule's for `epochs`, never
+        smaller than the last one run."""
+        done = self.progress.epoch
+        planned = input_sizes(epochs, self.cfg.trainer.resize, self.cfg.data.image_size)
+        return self.input_sizes[:done] + [max(size, self.input_sizes[done - 1]) for size in planned[done:]]
+
+    def _set_epochs(self, epochs: int, slower: float, projected: float) -> None:
+        """Re-plan to `epochs`: the plan (stored with the next checkpoint), the input sizes to come, and the
+        learning-rate schedule rebuilt for the new total and brought to this step (the rate moves by a few
+        percent)."""
+        plan, p, tcfg = self.plan, self.progress, self.cfg.trainer
+        if self.dist.is_main:
+            log.info(
+                "time budget %g min: after epoch %d, %d epochs planned instead of %d (epochs take %.2fx their "
+                "calibrated time; predicted end at %.1f min)",
+                plan.budget_min,
+                p.epoch,
+                epochs,
+                self.epochs,
+                slower,
+                projected / 60,
+            )
+        self.input_sizes = plan.sizes = self._sizes_for(epochs)
+        if plan.epoch_times:
+            plan.epoch_times = [plan.size_costs.get(s, 1.0) * plan.epoch_s for s in plan.sizes]
+        plan.replans.append([p.epoch, epochs])
+        self.epochs = plan.epochs = epochs
+        for group in self.optimizer.param_groups:  # a new scheduler starts from the peak rate it decays from
+            group["lr"] = group["initial_lr"]
+        self.scheduler = build_scheduler(
+            self.optimizer, self.cfg.sched, self.lr, self.steps_per_epoch // tcfg.accum_steps, epochs
+        )
+        for _ in range(p.global_step):
+            self.scheduler.step()
 
     def _remove_stale_temporaries(self) -> None:
         for tmp in remove_stale_temporaries(self.run_dir):
@@ -350,9 +408,12 @@ class Trainer:
             log.info("progressive resizing: %s", describe_sizes(self.input_sizes))
         try:
             with StopRequest() as stop, self.profiler or contextlib.nullcontext():
-                for epoch in range(p.epoch, self.epochs):
+                epoch = p.epoch
+                while epoch < self.epochs:  # (self.epochs may change: trainer.time_budget_replan)
                     self.train_model.train()
                     first = p.step if epoch == p.epoch else 0  # (mid-epoch after a resume)
+                    if first == 0 and self.paced_since is None:
+                        self.paced_since = time.perf_counter()
                     clock = EpochClock(
                         self.steps_per_epoch,
                         first,
@@ -379,15 +440,23 @@ class Trainer:
                     clock.close()
                     self.log_point(clock)
                     self.data_wait, self.train_loss = clock.rates(dist.world_size)[1], self.meters.read_epoch()
+                    if self.paced_since is not None:
+                        self.epoch_seconds.setdefault(self.input_sizes[epoch], []).append(clock.seconds)
                     p.epoch, p.step = epoch + 1, 0
+                    over_budget = self._keep_to_budget()  # before the evaluation: re-planning moves the last epoch
                     if p.epoch % tcfg.eval_every == 0 or p.epoch == self.epochs:
-                        if self.evaluate(clock.seen, clock.seconds):
+                        started = time.perf_counter()
+                        improved = self.evaluate(clock.seen, clock.seconds)
+                        if self.paced_since is not None:
+                            self.eval_seconds.append(time.perf_counter() - started)
+                        if improved:
                             self.save("best.pt")  # before last.pt: a kill between the two redoes the epoch and best.pt
                     self.save("last.pt")
                     if p.epoch < self.epochs and stop.requested(dist):  # it came during the evaluation
                         return self.stopped(stop)
-                    if self._over_budget():  # the machine slowed down badly: end at this epoch boundary
+                    if over_budget:  # the machine slowed down badly: end at this epoch boundary
                         break
+                    epoch += 1
                 if stop.requested(dist):  # during the last evaluation: the run is complete, but a sweep must
                     self.stop_signal = stop.signum  # still stop (train.py)
             self.finish()
