@@ -92,6 +92,10 @@ class Plan:
         """Evaluations in `epochs` epochs: every eval_every epochs, and after the last."""
         return epochs // self.eval_every + (1 if epochs % self.eval_every else 0)
 
+    def epoch_time(self, size: int) -> float:
+        """Calibrated training time of one epoch at input size `size`."""
+        return self.size_costs.get(size, 1.0) * self.epoch_s
+
     def seconds(self, epochs: int) -> float:
         """Predicted wall time of the first `epochs` epochs with their evaluations."""
         training = sum(self.epoch_times[:epochs]) if self.epoch_times else epochs * self.epoch_s
@@ -149,7 +153,7 @@ def replan(
     run is predicted from the calibration, scaled by how far off the calibration was for the sizes that did run.
     Returns (epochs, the pace: measured over calibrated epoch time, the predicted end in seconds of the budget)."""
     # medians: the first epoch and evaluation carry torch.compile's compilation (a minute on a GPU), already paid
-    paces = [t / (plan.size_costs.get(s, 1.0) * plan.epoch_s) for s, ts in epoch_s.items() for t in ts]
+    paces = [t / plan.epoch_time(s) for s, ts in epoch_s.items() for t in ts]
     pace = statistics.median(paces) if paces and plan.epoch_s > 0 else 1.0
     per_size = {s: statistics.median(t) for s, t in epoch_s.items() if t}
     per_eval = statistics.median(eval_s) if eval_s else plan.eval_s * pace
@@ -158,7 +162,7 @@ def replan(
 
     def remaining_s(epochs: int) -> float:
         sizes = sizes_for(epochs)[done:]
-        train = sum(per_size.get(s, plan.size_costs.get(s, 1.0) * plan.epoch_s * pace) for s in sizes)
+        train = sum(per_size.get(s, plan.epoch_time(s) * pace) for s in sizes)
         return (train + (plan.evaluations(epochs) - evals_run) * per_eval) * overhead * (1 + REPLAN_SLACK)
 
     epochs = done + 1

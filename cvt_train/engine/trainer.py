@@ -127,9 +127,8 @@ class Trainer:
         self.plan = self._plan(ckpt)  # trainer.time_budget_min: the epochs, from a timed calibration
         self.epochs = self.plan.epochs if self.plan is not None else tcfg.epochs
         # trainer.resize (resize.py); a budgeted run keeps the sizes of its plan (re-planning moves them)
-        self.input_sizes = (self.plan.sizes if self.plan is not None and self.plan.sizes else None) or input_sizes(
-            self.epochs, tcfg.resize, cfg.data.image_size
-        )
+        planned_sizes = self.plan.sizes if self.plan is not None else []
+        self.input_sizes = planned_sizes or input_sizes(self.epochs, tcfg.resize, cfg.data.image_size)
         global_batch = cfg.data.batch_size * dist.world_size * tcfg.accum_steps
         self.lr = lr = learning_rate(cfg.optim, global_batch)
         self.optimizer = build_optimizer(model, cfg.optim, lr)
@@ -209,6 +208,7 @@ class Trainer:
         forwards = (2 if tcfg.eval_tta == "flip" else 1) * (2 if self.ema is not None else 1)
         full, rc = self.cfg.data.image_size, tcfg.resize
         train_rates, eval_rate = calibrate(self, forwards, all_sizes(rc, full))
+        size_costs = {s: train_rates[full] / rate for s, rate in train_rates.items()}
         ws, data = dist.world_size, self.data
         plan = plan_epochs(
             tcfg.time_budget_min,
@@ -218,11 +218,9 @@ class Trainer:
             self.steps_per_epoch * data.batch_size * ws,
             data.num_val,
             tcfg.eval_every,
-            (lambda n: [train_rates[full] / train_rates[s] for s in input_sizes(n, rc, full)])
-            if rc.min_size is not None
-            else None,
+            (lambda n: [size_costs[s] for s in input_sizes(n, rc, full)]) if rc.min_size is not None else None,
         )
-        plan.size_costs = {s: train_rates[full] / rate for s, rate in train_rates.items()}
+        plan.size_costs = size_costs
         plan.sizes = input_sizes(plan.epochs, rc, full)
         plan = broadcast_object(plan)
         if dist.is_main:
@@ -241,17 +239,16 @@ class Trainer:
         if tcfg.time_budget_replan and self.epoch_seconds:
             measured = sum(map(sum, self.epoch_seconds.values())) + sum(self.eval_seconds)
             overhead = max(1.0, (time.perf_counter() - self.paced_since) / measured)
-            epochs, slower, projected = replan(
-                plan, p.epoch, elapsed, self.epoch_seconds, self.eval_seconds, overhead, self._sizes_for
+            epochs, slower, projected = broadcast_object(  # rank 0's clock decides for every rank
+                replan(plan, p.epoch, elapsed, self.epoch_seconds, self.eval_seconds, overhead, self._sizes_for)
             )
-            epochs, slower, projected = broadcast_object((epochs, slower, projected))  # rank 0's clock decides
             if epochs != self.epochs:
                 self._set_epochs(epochs, slower, projected)
         else:
             slower = elapsed / max(plan.seconds(p.epoch), 1e-9)
-            projected = plan.spent_s + slower * plan.seconds(self.epochs)
+            slower, projected = broadcast_object((slower, plan.spent_s + slower * plan.seconds(self.epochs)))
         budget = plan.budget_min * 60
-        stop = broadcast_object(projected > GUARD_STOP * budget)  # rank 0's clock decides for every rank
+        stop = projected > GUARD_STOP * budget  # (the same on every rank: rank 0's figures)
         if projected > budget and self.dist.is_main and (stop or not self._warned_budget):
             self._warned_budget = True
             log.warning(
@@ -288,7 +285,7 @@ class Trainer:
             )
         self.input_sizes = plan.sizes = self._sizes_for(epochs)
         if plan.epoch_times:
-            plan.epoch_times = [plan.size_costs.get(s, 1.0) * plan.epoch_s for s in plan.sizes]
+            plan.epoch_times = [plan.epoch_time(s) for s in plan.sizes]
         plan.replans.append([p.epoch, epochs])
         self.epochs = plan.epochs = epochs
         for group in self.optimizer.param_groups:  # a new scheduler starts from the peak rate it decays from
