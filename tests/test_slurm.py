@@ -105,7 +105,7 @@ def test_sweep_runs_as_real_slurm_jobs_with_threads_from_the_allocation(slurm_en
     result = cvt_train(["-m", *launcher, *args, f"hydra.sweep.dir={sweep}"], tmp_path, slurm_env)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = submitit_jobs(sweep)  # a sweep is one job array: 7_0, 7_1
-    assert len(jobs) == 2 and job_states(jobs, slurm_env) == dict.fromkeys(jobs, "COMPLETED")
+    assert len(jobs) == 2 and [wait_until_done(job, slurm_env) for job in jobs] == ["COMPLETED"] * 2
     summary = (sweep / "summary.md").read_text()
     assert summary.count("| ok |") == 2, summary
     assert "sacct error" not in result.stderr + result.stdout  # accounting answers: no warning per poll
@@ -137,7 +137,7 @@ def test_time_limit_signals_writes_last_pt_requeues_and_ends_as_an_uninterrupted
     stops = log.count("stopped by signal 12")  # SIGUSR2, submitit's
     assert stops >= 1 and log.count("resumed from") == stops, log[-3000:]
     (job,) = submitit_jobs(sweep)
-    assert job_states([job], slurm_env) == {job: "COMPLETED"}
+    assert wait_until_done(job, slurm_env) == "COMPLETED"
     assert_same_run(tmp_path / "reference", sweep / "0")
 
 
@@ -160,15 +160,19 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+ACTIVE_STATES = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING")
+
+
 def wait_until_done(job: str, env: dict, timeout: float = 300) -> str:
     """The job's final state, once its processes are gone (a cancelled job is CANCELLED at once, while its
-    processes still finish: squeue lists it, COMPLETING, until they have)."""
+    processes still finish: squeue lists it, COMPLETING, until they have) and accounting has it: slurmdbd records
+    the end after squeue drops the job (CI once read RUNNING from sacct a moment after squeue had let go)."""
 
-    def gone() -> bool:
+    def done() -> bool:
         listed = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout
-        return not listed.strip()
+        return not listed.strip() and not job_states([job], env)[job].startswith(ACTIVE_STATES)
 
-    wait_for(gone, timeout, f"job {job} to end")
+    wait_for(done, timeout, f"job {job} to end")
     return job_states([job], env)[job].split(" ")[0]
 
 
