@@ -136,20 +136,25 @@ def test_replan_arithmetic():
 
     # two epochs of 20 s, one evaluation of 2 s (epoch 2's is still to come): an n-epoch plan has n - 2 epochs of
     # 20 s and n - 1 evaluations of 2 s to go, padded by REPLAN_SLACK
-    def remaining(n, overhead=1.0):
-        return ((n - 2) * 20 + (n - 1) * 2) * overhead * (1 + REPLAN_SLACK)
+    def remaining(n, overhead=1.0, slack=REPLAN_SLACK):
+        return ((n - 2) * 20 + (n - 1) * 2) * overhead * (1 + slack)
 
     left = 600 * (1 - END_MARGIN) - 44
     epochs, pace, end = replan(plan, 2, 44.0, {32: [20.0, 20.0]}, [2.0], 1.0, full)
     assert (
         pace == 2.0
         and remaining(epochs) <= left < remaining(epochs + 1)
-        and end == pytest.approx(44 + remaining(epochs))
+        and end == pytest.approx(44 + remaining(epochs, slack=0.0))
     )
-    # a plan that still fits is kept unless REPLAN_GROW more epochs fit
+    # a plan that still fits is kept unless REPLAN_GROW more epochs fit (padded) ...
     times = (2, 44.0, {32: [20.0, 20.0]}, [2.0], 1.0, full)
     assert replan(replace(plan, epochs=epochs - 1), *times)[0] == epochs - 1
     assert replan(replace(plan, epochs=epochs - REPLAN_GROW), *times)[0] == epochs
+    # ... and shrinks only when it does not fit even unpadded, to the most that fit padded
+    unpadded = max(n for n in range(3, 100) if remaining(n, slack=0.0) <= left)
+    assert unpadded > epochs  # (REPLAN_SLACK is worth more than an epoch here)
+    assert replan(replace(plan, epochs=unpadded), *times)[0] == unpadded
+    assert replan(replace(plan, epochs=unpadded + 1), *times)[0] == epochs
     # a size not yet run is predicted from the calibration times the pace of the sizes that did run (2x here)
     half = lambda n: [16] * 2 + [32] * (n - 2)  # noqa: E731
     assert replan(plan, 2, 44.0, {16: [10.0, 10.0]}, [2.0], 1.0, half)[0] == epochs

@@ -51,8 +51,10 @@ GUARD_STOP = 1.10  # projected end beyond 110% of the budget: stop at the epoch 
 # Re-planning predicts from the run's own epochs, so it needs less margin than the first plan: the remaining time is
 # padded by REPLAN_SLACK (epochs drift by a few percent), and END_MARGIN of the budget is kept for the last writes.
 REPLAN_SLACK, END_MARGIN = 0.05, 0.02
-# A plan that still fits grows only by this many epochs or more: the prediction moves by about an epoch from one
-# epoch to the next, and a 28-min CPU run re-planned 15 times by +-1 (the rate moved each time)
+# Hysteresis, so the plan (and with it the rate) does not flap while the prediction moves by an epoch or two from
+# one epoch to the next: a plan grows only when REPLAN_GROW or more epochs more fit, and shrinks only when it no
+# longer fits even without REPLAN_SLACK. Without it a 28-min CPU run re-planned 15 times by +-1; with growth alone
+# held back, another still re-planned 8 times (38, 40, 43, 45, 43, 42, 45, 43, 45).
 REPLAN_GROW = 2
 
 
@@ -145,7 +147,7 @@ def replan(
     sizes_for: Callable[[int], list[int]],
 ) -> tuple[int, float, float]:
     """The most epochs, at least done + 1, that end within the budget (less END_MARGIN) at the pace of the run's own
-    epochs; the plan's own epochs while they fit and fewer than REPLAN_GROW more would.
+    epochs; the plan's own epochs while they fit unpadded and fewer than REPLAN_GROW more would fit padded.
     done: epochs run so far; elapsed_s: wall time since the first step; epoch_s: {input size: seconds of each whole
     epoch at that size} and eval_s: seconds of each evaluation, both measured in this process (their medians
     predict the epochs and evaluations to come); overhead: elapsed wall time over measured epoch and evaluation
@@ -160,17 +162,18 @@ def replan(
     evals_run = (done - 1) // plan.eval_every  # this boundary's own evaluation, if it has one, is still to come
     left = plan.budget_min * 60 * (1 - END_MARGIN) - plan.spent_s - elapsed_s
 
-    def remaining_s(epochs: int) -> float:
+    def remaining_s(epochs: int, slack: float = REPLAN_SLACK) -> float:
         sizes = sizes_for(epochs)[done:]
         train = sum(per_size.get(s, plan.epoch_time(s) * pace) for s in sizes)
-        return (train + (plan.evaluations(epochs) - evals_run) * per_eval) * overhead * (1 + REPLAN_SLACK)
+        return (train + (plan.evaluations(epochs) - evals_run) * per_eval) * overhead * (1 + slack)
 
     epochs = done + 1
     while epochs < 100 * (plan.epochs + 1) and remaining_s(epochs + 1) <= left:
         epochs += 1
-    if plan.epochs <= epochs < plan.epochs + REPLAN_GROW:  # the plan still fits: keep it rather than flap by one
+    still_fits = plan.epochs > done and remaining_s(plan.epochs, slack=0.0) <= left
+    if still_fits and epochs < plan.epochs + REPLAN_GROW:
         epochs = plan.epochs
-    return epochs, pace, plan.spent_s + elapsed_s + remaining_s(epochs)
+    return epochs, pace, plan.spent_s + elapsed_s + remaining_s(epochs, slack=0.0)  # the end as predicted, unpadded
 
 
 def calibrate(trainer, eval_forwards: int, sizes: list[int]) -> tuple[dict[int, float], float]:
