@@ -55,7 +55,7 @@ REPLAN_SLACK, END_MARGIN = 0.05, 0.02
 # one epoch to the next: a plan grows only when REPLAN_GROW or more epochs more fit, and shrinks only when it no
 # longer fits even without REPLAN_SLACK. Without it a 28-min CPU run re-planned 15 times by +-1; with growth alone
 # held back, another still re-planned 10 times (38, 40, 43, 45, 43, 42, 45, 43, 45, 42, 44); with both, three runs
-# re-planned 4, 1 and 5 times (the 5: three growths, then two shrinks as the machine slowed).
+# re-planned 4, 1 and 5 times (the 5: three growths, then two shrinks when 32-px epochs ran slower than predicted).
 REPLAN_GROW = 2
 
 
