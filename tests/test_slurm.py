@@ -170,7 +170,8 @@ def wait_until_done(job: str, env: dict, timeout: float = 300) -> str:
 
     def done() -> bool:
         listed = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout
-        return not listed.strip() and not job_states([job], env)[job].startswith(ACTIVE_STATES)
+        # (no row yet: slurmdbd has not heard of the job; it is still to come)
+        return not listed.strip() and not job_states([job], env).get(job, "PENDING").startswith(ACTIVE_STATES)
 
     wait_for(done, timeout, f"job {job} to end")
     return job_states([job], env)[job].split(" ")[0]
