@@ -155,9 +155,14 @@ def test_replan_arithmetic():
     assert unpadded > epochs  # (REPLAN_SLACK is worth more than an epoch here)
     assert replan(replace(plan, epochs=unpadded), *times)[0] == unpadded
     assert replan(replace(plan, epochs=unpadded + 1), *times)[0] == epochs
-    # a size not yet run is predicted from the calibration times the pace of the sizes that did run (2x here)
+    # a size not yet run is predicted from the calibration times the pace of the sizes that did run (2x here) ...
     half = lambda n: [16] * 2 + [32] * (n - 2)  # noqa: E731
     assert replan(plan, 2, 44.0, {16: [10.0, 10.0]}, [2.0], 1.0, half)[0] == epochs
+    # ... but not faster than calibrated: 16-px epochs at half their calibrated 5 s leave 32 px at its 10 s
+    calibrated = max(
+        n for n in range(3, 100) if ((n - 2) * 10 + (n - 1) * 2) * (1 + REPLAN_SLACK) <= 600 * (1 - END_MARGIN) - 5
+    )
+    assert replan(replace(plan, epochs=3), 2, 5.0, {16: [2.5, 2.5]}, [2.0], 1.0, half)[0] == calibrated
     # overhead (checkpoint writes, logging) scales the prediction; far behind: one more epoch, never fewer
     slow = replan(plan, 2, 44.0, {32: [20.0, 20.0]}, [2.0], 2.0, full)[0]
     assert remaining(slow, 2.0) <= left < remaining(slow + 1, 2.0) and slow < epochs
@@ -165,21 +170,27 @@ def test_replan_arithmetic():
 
 
 def test_replanning_fills_the_budget_and_decays_to_the_end(cifar, tmp_path, monkeypatch, caplog):
-    """Calibrated far too slow (2 epochs planned for 6 s): the run re-plans after its first epochs, ends within the
-    budget, the rate reaches min_lr at its last step, and the input sizes stay in order."""
+    """Calibrated far too slow (5 epochs planned for 12 s): the run re-plans once the sizes still to come have run
+    faster than calibrated, ends within the budget, the rate reaches min_lr at its last step, and the input sizes
+    stay in order."""
     args = overrides(
-        cifar, "trainer.time_budget_min=0.1", "sched=linear", "sched.min_lr=0", "trainer.resize.min_size=16"
+        cifar,
+        "trainer.time_budget_min=0.2",
+        "data.train_subset=100",
+        "sched=linear",
+        "sched.min_lr=0",
+        "trainer.resize.min_size=16",
     )
     with monkeypatch.context() as m:
-        fixed_clock(m, 200.0)  # 2.5 s per epoch
+        fixed_clock(m, 50.0)  # 2 s per epoch of 100 images
         with caplog.at_level(logging.INFO, logger="cvt_train"):
             trainer = Trainer(compose_train(args), tmp_path)
-            assert trainer.epochs == 2
+            assert trainer.epochs == 5
             trainer.fit()
     plan = trainer.plan
-    assert plan.replans and plan.replans[0][0] == 1 and "epochs planned instead of 2" in caplog.text
-    assert trainer.progress.epoch == trainer.epochs == plan.epochs == plan.replans[-1][1] > 2
-    assert time.perf_counter() - trainer.wall_start <= 6.0 * GUARD_STOP  # (an epoch can run slow on a busy CI)
+    assert plan.replans and "epochs planned instead of 5" in caplog.text
+    assert trainer.progress.epoch == trainer.epochs == plan.epochs == plan.replans[-1][1] > 5
+    assert time.perf_counter() - trainer.wall_start <= 12.0 * GUARD_STOP  # (an epoch can run slow on a busy CI)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0, 0.0]
     sizes = plan.sizes
     assert len(sizes) == plan.epochs and sizes == sorted(sizes) and sizes[-1] == 32

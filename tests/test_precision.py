@@ -26,10 +26,47 @@ def test_auto_on_gpus_old_and_new(capability, auto, monkeypatch):
         assert autocast_dtype("bf16", CUDA) is torch.bfloat16
 
 
-def test_cpu_and_names():
+@pytest.mark.parametrize("native_bf16,auto", [(True, torch.bfloat16), (False, None)])
+def test_auto_on_cpus_with_and_without_native_bf16(native_bf16, auto, monkeypatch, caplog):
+    """auto = bf16 only where the CPU multiplies bf16 in hardware (emulated, it ran at half fp32's speed); an explicit
+    bf16 is kept either way, with one warning where it is emulated."""
+    from cvt_train.engine import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
+    precision.warn_emulated_bf16_once.cache_clear()
     cpu = torch.device("cpu")
-    assert autocast_dtype("auto", cpu) is torch.bfloat16
-    assert [precision_name(autocast_dtype(p, cpu)) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
+    assert autocast_dtype("auto", cpu) is auto
+    with caplog.at_level("WARNING", logger="cvt_train.engine.precision"):
+        names = [precision_name(autocast_dtype(p, cpu)) for p in ("bf16", "fp16", "fp32", "bf16")]
+    assert names == ["bf16", "fp16", "fp32", "bf16"]
+    warnings = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warnings) == (0 if native_bf16 else 1)
+    precision.warn_emulated_bf16_once.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "machine,avx512_bf16,amx,native",
+    [
+        ("x86_64", False, False, False),
+        ("x86_64", True, False, True),
+        ("x86_64", False, True, True),
+        ("ppc64le", True, True, False),
+    ],
+)
+def test_native_bf16_detection(machine, avx512_bf16, amx, native, monkeypatch):
+    """AVX512_BF16 or AMX on x86 (Ice Lake has neither: the slow case); other non-Arm machines count as without."""
+    import platform
+
+    from cvt_train.engine import precision
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    precision.cpu_has_native_bf16.cache_clear()
+    try:
+        assert precision.cpu_has_native_bf16() is native
+    finally:
+        precision.cpu_has_native_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("validate_app", ["train", "eval", "bench"])

@@ -50,7 +50,7 @@ from .ema import WeightEma
 from .evaluate import run_evaluation
 from .meters import EpochClock, StepMeters
 from .optim import build_optimizer, build_scheduler, learning_rate, load_optimizer_state
-from .precision import autocast, autocast_dtype, set_gpu_defaults
+from .precision import autocast, autocast_dtype, precision_name, set_gpu_defaults
 from .profile import StepProfiler
 from .resize import all_sizes, input_sizes, resize_batch
 from .resize import describe as describe_sizes
@@ -358,7 +358,7 @@ class Trainer:
         write_text_atomic(OmegaConf.to_yaml(self.config_dict), self.run_dir / "config.yaml")  # resolved
         log.info(
             "model %s: %.2fM params | data %s: %d train / %d val images, %d classes | lr %.3g (global batch %d, "
-            "world size %d)",
+            "world size %d, precision %s)",
             cfg.model.name,
             self.run_info["params"] / 1e6,
             cfg.data.name,
@@ -368,6 +368,7 @@ class Trainer:
             lr,
             global_batch,
             self.dist.world_size,
+            precision_name(self.amp_dtype),
         )
         if not self.skips_on_device:
             log.warning(
