@@ -48,10 +48,8 @@ def cpu_has_native_bf16() -> bool:
     ran it at 1.7x."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):
-        has = [
-            getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        ]
-        return any(check() for check in has)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private; absent from older torch
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     if machine in ("aarch64", "arm64"):
         try:
             with open("/proc/cpuinfo") as f:
