@@ -16,7 +16,17 @@ from fakedata import write_cifar10_python
 from test_train import FAST, _stop_at
 
 from cvt_train.engine import trainer as trainer_module
-from cvt_train.engine.budget import END_MARGIN, GUARD_STOP, MARGIN, REPLAN_GROW, REPLAN_SLACK, Plan, plan_epochs, replan
+from cvt_train.engine.budget import (
+    END_MARGIN,
+    GUARD_STOP,
+    HOLD_TAIL,
+    MARGIN,
+    REPLAN_GROW,
+    REPLAN_SLACK,
+    Plan,
+    plan_epochs,
+    replan,
+)
 from cvt_train.engine.trainer import Trainer, train
 
 
@@ -155,6 +165,12 @@ def test_replan_arithmetic():
     assert unpadded > epochs  # (REPLAN_SLACK is worth more than an epoch here)
     assert replan(replace(plan, epochs=unpadded), *times)[0] == unpadded
     assert replan(replace(plan, epochs=unpadded + 1), *times)[0] == epochs
+    # ... and never grows once HOLD_TAIL of it has run (room for ~30 more epochs of 10 s here), but still shrinks
+    tail = (18, 200.0, {32: [10.0] * 18}, [1.0], 1.0, full)
+    held = round(18 / HOLD_TAIL)  # a plan of which the 18 epochs run are HOLD_TAIL
+    assert replan(replace(plan, epochs=held), *tail)[0] == held
+    assert replan(replace(plan, epochs=held + 1), *tail)[0] > held + REPLAN_GROW
+    assert replan(replace(plan, epochs=held), 18, 570.0, *tail[2:])[0] == 19
     # a size not yet run is predicted from the calibration times the pace of the sizes that did run (2x here) ...
     half = lambda n: [16] * 2 + [32] * (n - 2)  # noqa: E731
     assert replan(plan, 2, 44.0, {16: [10.0, 10.0]}, [2.0], 1.0, half)[0] == epochs

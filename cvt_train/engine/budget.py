@@ -57,6 +57,10 @@ REPLAN_SLACK, END_MARGIN = 0.05, 0.02
 # held back, another still re-planned 10 times (38, 40, 43, 45, 43, 42, 45, 43, 45, 42, 44); with both, three runs
 # re-planned 4, 1 and 5 times (the 5: three growths, then two shrinks when 32-px epochs ran slower than predicted).
 REPLAN_GROW = 2
+# Nor does a plan grow once HOLD_TAIL of it has run: the linear decay is then near zero, and growing it re-stretches
+# the tail (a 10-min CPU run went from 24 to 26 planned epochs after its 23rd, raising the rate from ~1/24 to ~3/26 of
+# the peak). Shrinking stays allowed: that is the guard's side.
+HOLD_TAIL = 0.9
 
 
 def process_age_s() -> float:
@@ -148,7 +152,8 @@ def replan(
     sizes_for: Callable[[int], list[int]],
 ) -> tuple[int, float, float]:
     """The most epochs, at least done + 1, that end within the budget (less END_MARGIN) at the pace of the run's own
-    epochs; the plan's own epochs while they fit unpadded and fewer than REPLAN_GROW more would fit padded.
+    epochs; the plan's own epochs while they fit unpadded and either fewer than REPLAN_GROW more would fit padded or
+    HOLD_TAIL of them have run.
     done: epochs run so far; elapsed_s: wall time since the first step; epoch_s: {input size: seconds of each whole
     epoch at that size} and eval_s: seconds of each evaluation, both measured in this process (their medians
     predict the epochs and evaluations to come); overhead: elapsed wall time over measured epoch and evaluation
@@ -174,7 +179,7 @@ def replan(
     while epochs < 100 * (plan.epochs + 1) and remaining_s(epochs + 1) <= left:
         epochs += 1
     still_fits = plan.epochs > done and remaining_s(plan.epochs, slack=0.0) <= left
-    if still_fits and epochs < plan.epochs + REPLAN_GROW:
+    if still_fits and (epochs < plan.epochs + REPLAN_GROW or done >= HOLD_TAIL * plan.epochs):
         epochs = plan.epochs
     return epochs, pace, plan.spent_s + elapsed_s + remaining_s(epochs, slack=0.0)  # the end as predicted, unpadded
 
