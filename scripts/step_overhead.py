@@ -4,19 +4,20 @@ cvt-bench's, is it the loop or the machine?
     python scripts/step_overhead.py experiment=cifar10_cpu data.root=/data/cifar10 trainer.resize.min_size=null
 
 Takes cvt-train's overrides (the budget is off: `trainer.time_budget_min=null`, so nothing is calibrated), builds
-the Trainer in a temporary run directory, takes the run's first batch and times, alternately in ABBA order so that a
-drift of the machine's pace falls on all three:
+the Trainer in a temporary run directory, takes the run's first batch and times, in alternating order (A B C, then
+C B A, so that a drift of the machine's pace falls on all three), at the full input size (trainer.resize is not
+applied):
 
     model alone   forward under the trainer's autocast, cross-entropy, backward, optimizer step, zero_grad: the step
                   cvt-bench times, on the trainer's own model, optimizer and batch
     train_step    Trainer.train_step on the same batch: label smoothing, the gradient norm and its on-device skip,
                   the scheduler, the meters, the per-step seed
     loader + train_step   the next batch from the loader, then train_step on it: the loop's step, with the loader's
-                  workers (or, with data.num_workers=0, the main process) making batches on the same cores
+                  worker (or, with data.num_workers=0, the main process) making the next batch on the same cores
 
-and then the loader alone (the next batch, no step). Prints the medians, images/s and the ratios to model alone. Separate processes minutes apart are no way to compare the
-two on a shared or throttling machine: on a 2-core Zen 5, cvt-bench alone read 1,373 to 1,856 images/s for the same
-model within twenty minutes.
+and then the loader alone (the next batch, no step). Prints the medians, images/s and the ratios to the model alone.
+Separate processes minutes apart are no way to compare the two on a shared or throttling machine: on a 2-core Zen 5,
+cvt-bench alone read 1,373 to 1,856 images/s for the same model within twenty minutes.
 """
 
 from __future__ import annotations
