@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 from cvt_train import config as _config  # noqa: F401  (registers the schemas before compose)
+from cvt_train.bench import synchronizer
 from cvt_train.engine.precision import autocast
 from cvt_train.engine.trainer import Trainer
 
@@ -50,7 +51,7 @@ def measure(trainer: Trainer, rounds: int, warmup: int) -> dict[str, float]:
     """Median seconds of each kind of step (see the module's docstring)."""
     batches = trainer.data.train_batches(0)
     images, targets = next(batches)
-    sync = torch.cuda.synchronize if trainer.dist.device.type == "cuda" else lambda: None
+    sync = synchronizer(trainer.dist.device)
     step = 0
 
     def model_alone() -> None:
