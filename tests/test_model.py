@@ -6,12 +6,13 @@ import time
 
 import pytest
 import torch
-from conftest import num_params, tiny_model
+from conftest import num_params, randomize, tiny_model
 from omegaconf import OmegaConf
 from torch import nn
 
 import cvt_train
 from cvt_train import UserError
+from cvt_train.models.convert import hf_differences, official_differences
 
 # Paper Table 2 / the official code's models.
 PARAMS = {"cvt13": 19_997_480, "cvt21": 31_622_696, "cvtw24": 277_196_392}
@@ -51,6 +52,7 @@ VARIANTS = {
     "xavier": {"init": "xavier"},
     "no_qkv_bias_mlp_2": {"stages.1.qkv_bias": False, "stages.2.mlp_ratio": 2.0},
     "no_head": {"num_classes": 0},
+    "attn_scale_head": {f"stages.{i}.attn_scale": "head" for i in range(3)},
 }
 
 
@@ -367,6 +369,28 @@ def test_attention_runs_sdpa_with_the_official_scale(monkeypatch):
         assert attend.fused(q, k)  # no gradient: SDPA's forward is the fastest
     big_q = torch.randn(1, 1, 2**10, 8, requires_grad=True)
     assert attend.fused(big_q, torch.randn(1, 1, 2**8 + 1, 8))  # long sequences: SDPA
+
+
+def test_head_width_scale_is_the_official_scale_with_q_multiplied_by_sqrt_heads():
+    """attn_scale=head multiplies each stage's attention logits by sqrt(num_heads): the same logits as the official
+    scale with the weights of q's Linear layer (and its bias) multiplied by sqrt(num_heads)."""
+    head = randomize(tiny_model(**VARIANTS["attn_scale_head"])).eval()
+    official = tiny_model().eval()
+    official.load_state_dict(head.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        differs = not torch.allclose(head(x), official(x), atol=1e-3)
+        for stage, s in zip(official.stages, official.cfg.stages):
+            for block in stage.blocks:
+                block.attn.proj_q.weight.mul_(s.num_heads**0.5)
+                block.attn.proj_q.bias.mul_(s.num_heads**0.5)
+        torch.testing.assert_close(head(x), official(x), rtol=1e-4, atol=1e-5)
+    assert differs  # stages 1 and 2 have 2 and 3 heads: the two scales give different logits
+    for listed in (hf_differences(head.cfg)[1], official_differences(head.cfg)[1]):
+        assert [d.split(" ")[0] for d in listed if "attn_scale" in d] == [
+            "model.stages.1.attn_scale=head",
+            "model.stages.2.attn_scale=head",
+        ]  # stage 0 has one head: the same logits either way
 
 
 @pytest.mark.slow  # compiles a forward and a backward graph: 30-60 s cold on 2 CPU cores

@@ -248,7 +248,16 @@ def hf_differences(mc) -> tuple[list[str], list[str]]:
         approx.append(f"model.act={mc.act} (HF uses exact GELU)")
     if mc.ln_eps != 1e-5:
         approx.append(f"model.ln_eps={mc.ln_eps} (HF fixes 1e-5)")
-    return missing, approx
+    return missing, approx + head_scaled(mc, "HF")
+
+
+def head_scaled(mc, who: str) -> list[str]:
+    """The stages whose attention logits differ from the official scaling (by the head width, with several heads)."""
+    return [
+        f"model.stages.{i}.attn_scale=head ({who} scales attention by the stage's whole width)"
+        for i, s in enumerate(mc.stages)
+        if s.attn_scale == "head" and s.num_heads > 1
+    ]
 
 
 def hf_config(
@@ -310,7 +319,7 @@ def official_differences(mc) -> tuple[list[str], list[str]]:
     approx = [f"model.act={mc.act} (the official code uses QuickGELU)"] if mc.act != "quick_gelu" else []
     if mc.ln_eps != 1e-5:
         approx.append(f"model.ln_eps={mc.ln_eps} (the official code fixes 1e-5)")
-    return missing, approx
+    return missing, approx + head_scaled(mc, "the official code")
 
 
 def official_spec(mc) -> dict:

@@ -70,7 +70,7 @@ class Attention(nn.Module):
     def __init__(self, s: StageConfig):
         super().__init__()
         dim, self.num_heads, self.has_cls = s.dim_embed, s.num_heads, s.cls_token
-        self.scale = dim**-0.5  # the whole width, not the head width, as in the official code and HF
+        self.scale = (dim if s.attn_scale == "dim" else dim // s.num_heads) ** -0.5  # official: the whole width
         # The official code leaves q unprojected when k and v are average-pooled.
         q_method = "linear" if s.qkv_proj_method == "avg" else s.qkv_proj_method
         self.conv_proj_q = conv_projection(dim, q_method, s.kernel_qkv, s.padding_q, s.stride_q)

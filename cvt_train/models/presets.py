@@ -48,6 +48,9 @@ class StageConfig:
     padding_kv: int = rule(1, ge=0)
     stride_q: int = rule(1, ge=1)
     stride_kv: int = rule(2, ge=1)
+    # Softmax temperature: 1/sqrt(dim_embed) as the official code and HF scale it, or 1/sqrt(dim_embed / num_heads)
+    # (the head width) as most transformers and the CIFAR zoo's CvT do. The same with one head.
+    attn_scale: str = rule("dim", choices=("dim", "head"), what="attention scale")
 
 
 @dataclass
