@@ -302,7 +302,8 @@ def model_card(model: CvT, info: Mapping, class_names: Sequence[str] | None = No
             else f"conv {s.patch_size}/{s.patch_stride}/{s.patch_padding}"
         )
         lines.append(
-            f"| {i} | {s.dim_embed} | {s.num_heads} | {s.depth} | {embed} | {s.qkv_proj_method} "
+            f"| {i} | {s.dim_embed} | {s.num_heads}{' (scale 1/sqrt(head width))' if s.attn_scale == 'head' else ''} "
+            f"| {s.depth} | {embed} | {s.qkv_proj_method} "
             f"k{s.kernel_qkv} | {s.stride_kv} | {'yes' if s.cls_token else 'no'} |"
         )
     if data or class_names:

@@ -21,7 +21,7 @@ import cvt_train
 from cvt_train import UserError, load_checkpoint
 from cvt_train.engine.trainer import train
 from cvt_train.eval import load_model
-from cvt_train.export import export_official, export_onnx, export_safetensors, load_safetensors
+from cvt_train.export import export_official, export_onnx, export_safetensors, load_safetensors, model_card
 from cvt_train.models.convert import detect_format, hf_config, read_file
 
 transformers = pytest.importorskip("transformers")
@@ -144,6 +144,12 @@ def test_models_hf_cannot_build_are_refused_naming_the_key():
     with pytest.raises(UserError, match="model.act=quick_gelu .*model.ln_eps=1e-06"):
         hf_config(mc)
     assert hf_config(mc, allow_approx=True).embed_dim == [16, 32, 48]
+
+
+def test_model_card_names_a_head_width_attention_scale():
+    card = model_card(tiny_model(**{"stages.1.attn_scale": "head"}), {})
+    rows = [line for line in card.splitlines() if line.startswith(("| 0 |", "| 1 |", "| 2 |"))]
+    assert ["head width" in row for row in rows] == [False, True, False]
 
 
 def test_official_export_round_trips_through_its_spec_exactly(tmp_path):
